@@ -1,0 +1,1 @@
+"""The `pinnsketch` command line: a thin layer over the library."""

@@ -1,0 +1,387 @@
+"""Forward-mode derivative jets: a field together with its input derivatives.
+
+A PINN residual needs u, u_x, u_xx, ... at every collocation point. Nested
+reverse-mode autograd builds them by differentiating the graph again, which
+keeps a second-order graph alive and rules out custom first-order backward
+passes. A jet instead carries the derivative *streams* forward through the
+network: a tensor ``streams`` of shape (S, N, w) whose stream 0 is the value
+and whose other streams are partial derivatives with respect to the inputs,
+one per multi-index of a `JetSpec`. Linear maps act on every stream alike;
+an elementwise function f acts through Faa di Bruno's formula,
+
+    d^alpha f(z) = sum over set partitions P of alpha:  f^(|P|)(z) * prod_{B in P} d^B z,
+
+and products through Leibniz's rule. The backward pass through all of this
+is first order, so the sketched autograd Functions of `pinnsketch.nn` apply.
+
+Multi-indices are sorted tuples of input axes: () is the value, (0,) is
+d/dx_0, (0, 1) is d^2/dx_0 dx_1, (0, 0, 0, 0) is d^4/dx_0^4.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from .activations import Activation, get_activation
+
+__all__ = ["JetSpec", "Jet"]
+
+MultiIndex = tuple[int, ...]
+# Faa di Bruno / Leibniz terms: (multiplicity, number of blocks, stream ids of the factors)
+_Term = tuple[int, int, tuple[int, ...]]
+
+
+def _set_partitions(items: list[int]) -> Iterable[list[list[int]]]:
+    """All set partitions of `items` (positions, not values)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _set_partitions(rest):
+        yield [[first], *partition]
+        for i in range(len(partition)):
+            yield [*partition[:i], [first, *partition[i]], *partition[i + 1 :]]
+
+
+class JetSpec:
+    """Which derivative streams a jet carries.
+
+    Args:
+        dim: number of inputs d.
+        indices: multi-indices to carry (tuples of axes in [0, d)); the set is
+            closed under sub-multisets automatically (u_xx needs u_x), and ()
+            is always stream 0. Streams are ordered by order, then lexically.
+    """
+
+    def __init__(self, dim: int, indices: Iterable[Sequence[int]] = ()):
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim={dim!r} must be a positive int (the number of inputs)")
+        closed: set[MultiIndex] = {()}
+        for index in indices:
+            mi = tuple(sorted(int(a) for a in index))
+            bad = [a for a in mi if not 0 <= a < dim]
+            if bad:
+                raise ValueError(
+                    f"multi-index {tuple(index)} has axes {bad} outside [0, {dim}); "
+                    f"a jet over {dim} inputs can only differentiate along axes 0..{dim - 1}"
+                )
+            for r in range(len(mi) + 1):
+                closed.update(itertools.combinations(mi, r))
+        self.dim = dim
+        self.indices: tuple[MultiIndex, ...] = tuple(sorted(closed, key=lambda m: (len(m), m)))
+        self._position = {mi: i for i, mi in enumerate(self.indices)}
+        self._compose_terms = [self._faa_di_bruno_terms(mi) for mi in self.indices]
+        self._product_terms = [self._leibniz_terms(mi) for mi in self.indices]
+
+    @property
+    def size(self) -> int:
+        """Number of streams S (value included)."""
+        return len(self.indices)
+
+    @property
+    def order(self) -> int:
+        """Highest derivative order carried."""
+        return len(self.indices[-1])
+
+    def index(self, mi: Sequence[int]) -> int:
+        """Stream position of multi-index `mi`."""
+        key = tuple(sorted(mi))
+        try:
+            return self._position[key]
+        except KeyError:
+            raise KeyError(
+                f"derivative {key} is not carried by this jet; carried: {list(self.indices)}"
+            ) from None
+
+    def __contains__(self, mi: Sequence[int]) -> bool:
+        return tuple(sorted(mi)) in self._position
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JetSpec) and (self.dim, self.indices) == (other.dim, other.indices)
+
+    def __hash__(self) -> int:
+        return hash((self.dim, self.indices))
+
+    def __repr__(self) -> str:
+        return f"JetSpec(dim={self.dim}, indices={list(self.indices[1:])})"
+
+    @classmethod
+    def from_names(cls, names: Iterable[str], input_names: Sequence[str]) -> JetSpec:
+        """Build a spec from derivative names such as "x", "xt", "xxxx".
+
+        Each character of a name is one single-letter input name; with
+        multi-letter input names pass multi-indices to the constructor instead.
+        """
+        axis = {name: i for i, name in enumerate(input_names)}
+        if any(len(name) != 1 for name in input_names):
+            raise ValueError(
+                f"input_names={tuple(input_names)} are not single letters, so derivative names "
+                "cannot be spelled letter by letter; pass multi-indices to JetSpec(dim, indices)"
+            )
+        indices = []
+        for name in names:
+            unknown = [c for c in name if c not in axis]
+            if unknown or not name:
+                raise ValueError(
+                    f"derivative name {name!r} uses {unknown or 'no'} letters outside the inputs "
+                    f"{tuple(input_names)}; spell it with those letters, e.g. {input_names[0] * 2!r}"
+                )
+            indices.append(tuple(axis[c] for c in name))
+        return cls(len(input_names), indices)
+
+    def name_of(self, mi: Sequence[int], input_names: Sequence[str]) -> str:
+        """Spell multi-index `mi` with input names, e.g. (0, 1) -> "xt"."""
+        return "".join(input_names[a] for a in sorted(mi))
+
+    # Term tables are computed once per spec (not cached globally): the
+    # duplicates among set partitions are merged into multiplicities, so
+    # d^4 f(z) costs 5 terms instead of 15.
+    def _faa_di_bruno_terms(self, mi: MultiIndex) -> list[_Term]:
+        if not mi:
+            return []
+        counts: Counter = Counter()
+        for partition in _set_partitions(list(range(len(mi)))):
+            blocks = tuple(sorted(self._position[tuple(mi[p] for p in b)] for b in partition))
+            counts[(len(partition), blocks)] += 1
+        return [(m, k, blocks) for (k, blocks), m in sorted(counts.items())]
+
+    def _leibniz_terms(self, mi: MultiIndex) -> list[_Term]:
+        counts: Counter = Counter()
+        positions = range(len(mi))
+        for r in range(len(mi) + 1):
+            for left in itertools.combinations(positions, r):
+                right = tuple(p for p in positions if p not in left)
+                pair = (
+                    self._position[tuple(mi[p] for p in left)],
+                    self._position[tuple(mi[p] for p in right)],
+                )
+                counts[pair] += 1
+        return [(m, 2, pair) for pair, m in sorted(counts.items())]
+
+
+def _check_spec(a: Jet, b: Jet) -> None:
+    if a.spec != b.spec:
+        raise ValueError(f"cannot combine jets with different specs {a.spec} and {b.spec}")
+
+
+class Jet:
+    """A field and its input derivatives: streams (S, N, w) described by `spec`.
+
+    Arithmetic with plain tensors or numbers treats them as constants in x.
+    """
+
+    __slots__ = ("streams", "spec")
+
+    def __init__(self, streams: torch.Tensor, spec: JetSpec):
+        if streams.dim() < 2 or streams.shape[0] != spec.size:
+            raise ValueError(
+                f"streams of shape {tuple(streams.shape)} do not match {spec}: "
+                f"expected (S={spec.size}, N, ...)"
+            )
+        self.streams = streams
+        self.spec = spec
+
+    # --- construction and access -------------------------------------------------
+    @classmethod
+    def input(cls, x: torch.Tensor, spec: JetSpec) -> Jet:
+        """The jet of the inputs themselves: x (N, d) -> streams (S, N, d)."""
+        if x.dim() != 2 or x.shape[1] != spec.dim:
+            raise ValueError(f"x of shape {tuple(x.shape)} must be (N, {spec.dim}) for {spec}")
+        streams = x.new_zeros((spec.size, *x.shape))
+        streams[0] = x
+        for axis in range(spec.dim):
+            if (axis,) in spec:
+                streams[spec.index((axis,)), :, axis] = 1
+        return cls(streams, spec)
+
+    @classmethod
+    def constant(cls, value: torch.Tensor, spec: JetSpec) -> Jet:
+        """A jet whose derivatives vanish: value (N, w)."""
+        streams = value.new_zeros((spec.size, *value.shape))
+        streams[0] = value
+        return cls(streams, spec)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """Stream 0, shape (N, w)."""
+        return self.streams[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of one stream, (N, w)."""
+        return self.streams.shape[1:]
+
+    def d(self, mi: Sequence[int]) -> torch.Tensor:
+        """The derivative stream d^mi, shape (N, w)."""
+        return self.streams[self.spec.index(mi)]
+
+    def __getitem__(self, key) -> Jet:
+        """Index every stream like a (N, w) tensor, e.g. jet[:, 0:1] picks field 0."""
+        key = key if isinstance(key, tuple) else (key,)
+        return Jet(self.streams[(slice(None), *key)], self.spec)
+
+    @staticmethod
+    def cat(jets: Sequence[Jet], dim: int = -1) -> Jet:
+        """Concatenate jets along a stream dimension (default: fields)."""
+        for other in jets[1:]:
+            _check_spec(jets[0], other)
+        dim = dim if dim < 0 else dim + 1
+        return Jet(torch.cat([j.streams for j in jets], dim=dim), jets[0].spec)
+
+    def detach(self) -> Jet:
+        return Jet(self.streams.detach(), self.spec)
+
+    def __repr__(self) -> str:
+        return f"Jet(shape={tuple(self.shape)}, {self.spec})"
+
+    # --- maps ---------------------------------------------------------------------
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Jet:
+        """z = a W^T + b on every stream; the bias enters the value stream only.
+
+        weight (out, in), bias (out,) -> Jet with streams (S, N, out).
+        """
+        out = self.streams @ weight.T
+        if bias is not None:
+            out = torch.cat([(out[0] + bias).unsqueeze(0), out[1:]])
+        return Jet(out, self.spec)
+
+    def map(self, fn: Activation | str | Callable[[torch.Tensor, int], list[torch.Tensor]]) -> Jet:
+        """Apply an elementwise function through Faa di Bruno's formula.
+
+        fn: an Activation (or its name), or a callable (z, order) -> [f(z), ..., f^(order)(z)].
+        """
+        if isinstance(fn, (str, Activation)):
+            fn = get_activation(fn).derivatives
+        z = self.streams
+        derivs = fn(z[0], self.spec.order)
+        out = [derivs[0]]
+        for terms in self.spec._compose_terms[1:]:
+            acc = None
+            for multiplicity, k, blocks in terms:
+                term = derivs[k]
+                for b in blocks:
+                    term = term * z[b]
+                if multiplicity != 1:
+                    term = multiplicity * term
+                acc = term if acc is None else acc + term
+            out.append(acc)
+        return Jet(torch.stack(out), self.spec)
+
+    # --- arithmetic ---------------------------------------------------------------
+    def _mul_jet(self, other: Jet) -> Jet:
+        _check_spec(self, other)
+        a, b = self.streams, other.streams
+        out = []
+        for terms in self.spec._product_terms:
+            acc = None
+            for multiplicity, _, (i, j) in terms:
+                term = a[i] * b[j]
+                if multiplicity != 1:
+                    term = multiplicity * term
+                acc = term if acc is None else acc + term
+            out.append(acc)
+        return Jet(torch.stack(out), self.spec)
+
+    def __add__(self, other) -> Jet:
+        if isinstance(other, Jet):
+            _check_spec(self, other)
+            return Jet(self.streams + other.streams, self.spec)
+        # a constant shifts the value stream only
+        value = self.streams[0] + other
+        rest = self.streams[1:].expand(-1, *value.shape) if value.shape != self.shape else self.streams[1:]
+        return Jet(torch.cat([value.unsqueeze(0), rest]), self.spec)
+
+    __radd__ = __add__
+
+    def __neg__(self) -> Jet:
+        return Jet(-self.streams, self.spec)
+
+    def __sub__(self, other) -> Jet:
+        return self + (-other)
+
+    def __rsub__(self, other) -> Jet:
+        return (-self) + other
+
+    def __mul__(self, other) -> Jet:
+        if isinstance(other, Jet):
+            return self._mul_jet(other)
+        return Jet(self.streams * other, self.spec)  # a constant scales every stream
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other) -> Jet:
+        if isinstance(other, Jet):
+            return self._mul_jet(other.map(_power_derivatives(-1.0)))
+        return Jet(self.streams / other, self.spec)
+
+    def __rtruediv__(self, other) -> Jet:
+        return self.map(_power_derivatives(-1.0)) * other
+
+    def __pow__(self, exponent: float) -> Jet:
+        if isinstance(exponent, Jet) or isinstance(exponent, torch.Tensor):
+            raise TypeError("jet ** jet is not supported; use (a.log() * b).exp()")
+        if float(exponent).is_integer() and exponent >= 0:
+            result = Jet.constant(torch.ones_like(self.value), self.spec)
+            for _ in range(int(exponent)):
+                result = result * self
+            return result
+        return self.map(_power_derivatives(float(exponent)))
+
+    # --- elementary functions -------------------------------------------------------
+    def sin(self) -> Jet:
+        return self.map("sin")
+
+    def cos(self) -> Jet:
+        return self.map(lambda z, order: [torch.cos(z), -torch.sin(z), -torch.cos(z), torch.sin(z), torch.cos(z)][: order + 1])
+
+    def tanh(self) -> Jet:
+        return self.map("tanh")
+
+    def exp(self) -> Jet:
+        return self.map(lambda z, order: [torch.exp(z)] * (order + 1))
+
+    def log(self) -> Jet:
+        def derivs(z, order):
+            return [torch.log(z)] + [
+                (-1) ** (k - 1) * math.factorial(k - 1) * z ** (-k) for k in range(1, order + 1)
+            ]
+
+        return self.map(derivs)
+
+    def sqrt(self) -> Jet:
+        return self.map(_power_derivatives(0.5))
+
+    _TORCH_UNARY = {torch.sin: "sin", torch.cos: "cos", torch.tanh: "tanh", torch.exp: "exp",
+                    torch.log: "log", torch.sqrt: "sqrt"}
+    _TORCH_BINARY = {torch.Tensor.__add__: "__radd__", torch.Tensor.__radd__: "__add__",
+                     torch.Tensor.__mul__: "__rmul__", torch.Tensor.__rmul__: "__mul__",
+                     torch.Tensor.__sub__: "__rsub__", torch.Tensor.__rsub__: "__sub__",
+                     torch.Tensor.__truediv__: "__rtruediv__", torch.Tensor.__rtruediv__: "__truediv__",
+                     torch.add: "__radd__", torch.mul: "__rmul__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Lets `torch.sin(jet)` and `tensor * jet` work in user code such as output transforms.
+        if not kwargs and func in cls._TORCH_UNARY and len(args) == 1:
+            return getattr(args[0], cls._TORCH_UNARY[func])()
+        if not kwargs and func in cls._TORCH_BINARY and len(args) == 2 and isinstance(args[1], Jet):
+            return getattr(args[1], cls._TORCH_BINARY[func])(args[0])
+        return NotImplemented
+
+
+def _power_derivatives(p: float) -> Callable[[torch.Tensor, int], list[torch.Tensor]]:
+    """Derivatives of z**p: p (p-1) ... (p-k+1) z**(p-k)."""
+
+    def derivs(z: torch.Tensor, order: int) -> list[torch.Tensor]:
+        out, coefficient = [], 1.0
+        for k in range(order + 1):
+            out.append(coefficient * z ** (p - k))
+            coefficient *= p - k
+        return out
+
+    return derivs
