@@ -1,1 +1,184 @@
-"""The `pinnsketch` command line: a thin layer over the library."""
+"""The `pinnsketch` command line: a thin layer over the library.
+
+    pinnsketch problems
+    pinnsketch solve burgers --storage lowrank --out burgers.h5
+    pinnsketch inspect burgers.h5 | plot burgers.h5 | bench mnist
+
+Each subcommand is a pair of small functions: `add_<name>_parser(subparsers)`
+registers its arguments and sets `func`, and the command function takes the
+parsed arguments and returns the exit status. Errors print one line,
+`pinnsketch: error: ...`, and exit with 2 for bad input (usage, unknown names,
+invalid values) or 1 for failures while running; `--debug` re-raises with the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser", "add_solve_parser", "add_problems_parser", "solve_command", "problems_command"]
+
+PROG = "pinnsketch"
+
+
+class CommandError(Exception):
+    """A failure to report on one line (exit status in `.status`)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (subparsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _debug_flag(parser: argparse.ArgumentParser, top: bool) -> None:
+    # SUPPRESS on subcommands, so `pinnsketch --debug solve ...` is not reset by the subparser's default
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="on errors, show the full traceback")
+
+
+# --- problems ---------------------------------------------------------------------------------
+def add_problems_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("problems", help="list the PDE library",
+                              description="List the problems `pinnsketch solve` knows, with their tolerances.")
+    _debug_flag(p, top=False)
+    p.set_defaults(func=problems_command)
+    return p
+
+
+def problems_command(args: argparse.Namespace) -> int:
+    from . import problems
+
+    for line in problems.describe():
+        print(line)
+    return 0
+
+
+# --- solve ------------------------------------------------------------------------------------
+def add_solve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "solve", help="train a PINN on a library problem and report its error",
+        description="Train a PINN on PROBLEM (see `pinnsketch problems`) with Adam then L-BFGS, print the "
+                    "relative L2 error against the problem's reference, and save the run with --out. "
+                    "Unset options use the problem's defaults.")
+    p.add_argument("problem", help="problem name, e.g. burgers")
+    p.add_argument("--storage", default=None, help="activation storage: exact, checkpoint, ema, lowrank (default), "
+                   "projection")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="Adam steps")
+    p.add_argument("--lbfgs-steps", type=int, default=None, metavar="M", help="L-BFGS iterations (0 skips)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--points", type=int, default=None, metavar="N", help="interior collocation points")
+    p.add_argument("--width", type=int, default=None, help="hidden width of the MLP")
+    p.add_argument("--depth", type=int, default=None, help="hidden layers of the MLP")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="default float32")
+    p.add_argument("--derivatives", default=None, choices=("jet", "autograd"),
+                   help="forward-mode jets (default) or nested autograd")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N", help="steps between error evaluations")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the run to FILE (HDF5)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _debug_flag(p, top=False)
+    p.set_defaults(func=solve_command)
+    return p
+
+
+def _solve_options(problem, args: argparse.Namespace) -> dict:
+    """Keyword arguments of `solve` from the flags, on top of the problem's own defaults."""
+    from .pinn.solver import DEFAULTS
+
+    base = {**DEFAULTS, **(getattr(problem, "solver_defaults", None) or {})}
+    options: dict = {}
+
+    def updated(key: str, **changes):
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            options[key] = dataclasses.replace(options.get(key, base[key]), **changes)
+
+    updated("adam", steps=args.steps, lr=args.lr)
+    updated("lbfgs", steps=args.lbfgs_steps)
+    updated("points", domain=args.points)
+    if args.width is not None or args.depth is not None:
+        if not dataclasses.is_dataclass(base["network"]):
+            raise CommandError(f"{problem.name} builds its own network; --width/--depth do not apply", 2)
+        updated("network", width=args.width, depth=args.depth)
+    for key in ("storage", "seed", "device", "dtype", "derivatives", "eval_every"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
+def solve_command(args: argparse.Namespace) -> int:
+    from . import problems
+    from .pinn.solver import solve
+
+    problem = problems.get(args.problem)
+    options = _solve_options(problem, args)
+    result = solve(problem, progress=not args.no_progress, **options)
+    storage = result.config.get("storage")
+    l2 = result.l2_relative_error
+    where = f"{result.config['problem']}, storage={storage}, {result.config['steps_done']} steps, {result.timing['total_s']:.1f} s"
+    if l2 is None:
+        print(f"relative L2 error: n/a (the problem has no reference) [{where}]")
+    else:
+        print(f"relative L2 error: {l2:.3e} [{where}]")
+    if args.out:
+        path = result.save(args.out)
+        print(f"saved to {path}")
+    return 0
+
+
+# --- dispatcher -------------------------------------------------------------------------------
+# Subcommands owned by other modules: (module, function registering the subparser).
+_EXTERNAL = (
+    ("pinnsketch.io.commands", "add_inspect_parser"),
+    ("pinnsketch.io.commands", "add_plot_parser"),
+    ("pinnsketch.data.bench", "add_bench_parser"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Physics-informed neural networks with sketched activation storage.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _debug_flag(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_solve_parser(sub)
+    add_problems_parser(sub)
+    for module, function in _EXTERNAL:
+        getattr(importlib.import_module(module), function)(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for users; --debug shows everything
+        if args.debug:
+            raise
+        status = exc.status if isinstance(exc, CommandError) else 2 if isinstance(exc, (ValueError, TypeError, KeyError)) else 1
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

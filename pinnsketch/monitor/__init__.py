@@ -1,1 +1,6 @@
-"""pinnsketch.monitor."""
+"""pinnsketch.monitor: exact per-layer gradient norms and a sketched gradient history."""
+
+from .monitor import METHODS, Estimate, GradientMonitor, Subspace
+from .trajectory import IncrementalSVD, TrajectorySketch
+
+__all__ = ["GradientMonitor", "Estimate", "Subspace", "METHODS", "TrajectorySketch", "IncrementalSVD"]

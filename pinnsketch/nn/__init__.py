@@ -1,1 +1,41 @@
-"""pinnsketch.nn."""
+"""pinnsketch.nn: fused dense blocks on derivative jets, storage policies, models, memory meter."""
+
+from .activations import ACTIVATIONS, Activation, get_activation
+from .codecs import BFloat16Codec, ExactCodec, IntCodec, make_codec
+from .ema import EMAStorage
+from .fused import DenseBlock, FusedDense
+from .jet import Jet, JetSpec
+from .lowrank import LowRankStorage
+from .memory import MemoryMeter
+from .models import CNN, MLP, ResidualMLP
+from .policies import STORAGES, make_storage
+from .projection import ProjectionStorage
+from .storage import AbstractStorage, CheckpointStorage, ExactStorage, StorageError, Stored
+
+__all__ = [
+    "Jet",
+    "JetSpec",
+    "Activation",
+    "ACTIVATIONS",
+    "get_activation",
+    "MLP",
+    "ResidualMLP",
+    "CNN",
+    "DenseBlock",
+    "FusedDense",
+    "MemoryMeter",
+    "AbstractStorage",
+    "Stored",
+    "StorageError",
+    "ExactStorage",
+    "CheckpointStorage",
+    "ProjectionStorage",
+    "EMAStorage",
+    "LowRankStorage",
+    "STORAGES",
+    "make_storage",
+    "ExactCodec",
+    "BFloat16Codec",
+    "IntCodec",
+    "make_codec",
+]

@@ -1,1 +1,50 @@
-"""pinnsketch.pinn."""
+"""pinnsketch.pinn: define a PDE as a `Problem`, call `solve`, get a checked `Result`."""
+
+from . import geometry
+from .callbacks import Callback, EarlyStopping, ProgressBar, TrainingState
+from .conditions import Condition, Dirichlet, Initial, InitialVelocity, Neumann, Periodic, PointData, Robin
+from .derivatives import AutogradDerivatives, DerivativeProvider, JetDerivatives
+from .errors import DerivativeNameError, ProblemDefinitionError, TrainingDivergedError
+from .fields import Field
+from .options import LBFGS, RAR, Adam, Constant, Cosine, Exponential, Network, Points, Schedule
+from .problem import Parameter, Problem
+from .result import Result
+from .solver import DEFAULTS, loss_terms, solve
+
+__all__ = [
+    "geometry",
+    "Problem",
+    "Parameter",
+    "Field",
+    "Condition",
+    "Dirichlet",
+    "Neumann",
+    "Robin",
+    "Periodic",
+    "Initial",
+    "InitialVelocity",
+    "PointData",
+    "solve",
+    "loss_terms",
+    "DEFAULTS",
+    "Result",
+    "Network",
+    "Adam",
+    "LBFGS",
+    "Points",
+    "RAR",
+    "Schedule",
+    "Constant",
+    "Cosine",
+    "Exponential",
+    "Callback",
+    "TrainingState",
+    "EarlyStopping",
+    "ProgressBar",
+    "DerivativeProvider",
+    "JetDerivatives",
+    "AutogradDerivatives",
+    "ProblemDefinitionError",
+    "DerivativeNameError",
+    "TrainingDivergedError",
+]

@@ -1,0 +1,99 @@
+"""The `inspect` and `plot` subcommands (wired into `pinnsketch.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_inspect_parser", "add_plot_parser", "inspect_command", "plot_command", "add_run_file_arguments",
+           "run_file_callbacks"]
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
+    # Same flag as the dispatcher's other subcommands (SUPPRESS keeps `pinnsketch --debug inspect ...`).
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on errors, show the full traceback")
+
+
+def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("inspect", help="summarize a run file",
+                              description="Print a summary of a pinnsketch HDF5 run file.")
+    p.add_argument("path", help="run file (.h5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _debug_flag(p)
+    p.set_defaults(func=inspect_command)
+    return p
+
+
+def add_plot_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plot", help="write PNG figures of a run file",
+                              description="Write solution, loss, gradient-norm and rank figures of a run as PNGs.")
+    p.add_argument("path", help="run file (.h5)")
+    p.add_argument("--out", default=None, help="output folder (default: <run file name>_plots next to it)")
+    p.add_argument("--dpi", type=int, default=120, help="resolution of the PNGs (default 120)")
+    _debug_flag(p)
+    p.set_defaults(func=plot_command)
+    return p
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from .reader import load
+    from .summary import format_summary
+
+    summary = load(args.path).summary()
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def plot_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .plot import plot_run
+
+    out = args.out if args.out is not None else Path(args.path).with_name(Path(args.path).stem + "_plots")
+    for path in plot_run(args.path, out, dpi=args.dpi):
+        print(path)
+    return 0
+
+
+# -- run files for `solve` -------------------------------------------------------------------
+def add_run_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `solve` that write the run while it trains: checkpoints, resume, gradient monitor.
+
+    (``--out FILE`` itself belongs to the solve parser.)
+    """
+    parser.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
+                        help="steps between checkpoints written to --out (default 1000)")
+    parser.add_argument("--resume", default=None, metavar="FILE",
+                        help="continue the interrupted run in FILE from its last checkpoint; give the same "
+                             "problem and options as the original run")
+    parser.add_argument("--monitor-rank", type=int, default=None, metavar="R",
+                        help="also record each layer's gradient history in --out, sketched at rank R")
+
+
+def run_file_callbacks(args: argparse.Namespace, *, total_steps: int) -> tuple[list, dict | None]:
+    """(callbacks, resume state) for ``solve`` from ``--out``, ``--resume``, ``--checkpoint-every``,
+    ``--monitor-rank``: a RunWriter that records the run while it trains, continuing FILE on --resume."""
+    from ..monitor import GradientMonitor
+    from .writer import RunWriter
+
+    out, resume = getattr(args, "out", None), getattr(args, "resume", None)
+    if resume is not None:
+        if out is not None and str(out) != str(resume):
+            raise ValueError(f"--resume {resume} continues that file; leave out --out {out} (or make it the same)")
+        writer, state = RunWriter.resume(resume, checkpoint_every=args.checkpoint_every)
+        return [writer], state
+    if out is None:
+        if args.monitor_rank is not None:
+            raise ValueError("--monitor-rank records into the run file; pass --out FILE as well")
+        return [], None
+    monitor = None
+    if args.monitor_rank is not None:
+        # One sketch window over the whole run: memory stays constant in the number of steps.
+        monitor = GradientMonitor(rank=args.monitor_rank, window=max(int(total_steps), 1))
+    return [RunWriter(out, checkpoint_every=args.checkpoint_every, monitor=monitor)], None

@@ -1,0 +1,202 @@
+"""One run file being written: a live working copy and atomic commits onto the final path.
+
+Atomicity (HDF5 files cannot be appended to atomically in place):
+
+* training appends to a **live** file ``<path>.partial`` next to ``<path>``;
+* a **commit** (at the start, at every checkpoint, at the end) closes the live
+  file, copies it to a temporary file in the same directory, fsyncs it and
+  ``os.replace``-s it onto ``<path>``; the final commit renames the live file
+  itself. ``os.replace`` is atomic on POSIX and Windows, so ``<path>`` always
+  holds a complete, readable file: the one of the last commit.
+
+A process killed mid-run therefore leaves ``<path>`` at its last checkpoint
+(plus a possibly inconsistent ``<path>.partial``, which the next writer
+replaces); resuming continues from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from .schema import GROUPS, SCHEMA_VERSION, append_monitor_rows, json_attr, model_spec, write_monitor_sketches
+from .table import Table
+from .tree import write_tree
+
+__all__ = ["RunFile", "COMPRESSIONS"]
+
+COMPRESSIONS = ("gzip", "lzf", None)
+
+
+class RunFile:
+    """Writes one run file; see the module docstring for the commit protocol.
+
+    Args:
+        path: the final file.
+        compression: "gzip" | "lzf" | None for the datasets.
+        resume: continue from the committed file at ``path`` instead of starting a new one.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, compression: str | None = "gzip", resume: bool = False):
+        self.path = Path(path)
+        self.live = self.path.with_name(self.path.name + ".partial")
+        self.compression = compression
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh inode for the live file: a writer that died without closing may still hold the old one.
+        self.live.unlink(missing_ok=True)
+        if resume:
+            shutil.copyfile(self.path, self.live)
+            self._file = h5py.File(self.live, "r+")
+        else:
+            self._file = h5py.File(self.live, "w")
+            for name in GROUPS[:4]:
+                self._file.create_group(name)
+        self._open_tables()
+
+    # -- tables ------------------------------------------------------------------------
+    def _open_tables(self) -> None:
+        opts = dict(compression=self.compression)
+        self.training = Table(self._file.require_group("training"), **opts)
+        self.sketch = Table(self._file.require_group("sketch"), **opts)
+        self.gradients = Table(self._file.require_group("gradients"), **opts)
+
+    def flush(self) -> None:
+        for table in (self.training, self.sketch, self.gradients):
+            table.flush()
+
+    @property
+    def file(self) -> h5py.File:
+        return self._file
+
+    # -- content -----------------------------------------------------------------------
+    def write_root(self, *, problem: str | None, storage: str | None, seed: int | None, device: str | None,
+                   config: dict, kind: str) -> None:
+        import pinnsketch
+
+        attrs = {"schema_version": SCHEMA_VERSION, "pinnsketch_version": pinnsketch.__version__,
+                 "torch_version": torch.__version__, "h5py_version": h5py.__version__,
+                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "kind": kind, "problem": problem, "storage": storage, "seed": seed, "device": device,
+                 "config": json_attr(config), "completed": False, "steps": 0}
+        self.update_root(**attrs)
+
+    def update_root(self, **attrs: Any) -> None:
+        """Set root attributes; None values are left out (HDF5 attributes cannot be None)."""
+        for key, value in attrs.items():
+            if isinstance(value, np.generic):
+                value = value.item()            # numpy str_ has no HDF5 conversion; Python str has
+            if value is None:
+                self._file.attrs.pop(key, None)
+            else:
+                self._file.attrs[key] = str(value) if isinstance(value, str) else value
+
+    def write_model(self, model: torch.nn.Module) -> None:
+        group = self._file.require_group("model")
+        spec = model_spec(model)
+        group.attrs.update({"class": spec["class"], "init_kwargs": json_attr(spec["init_kwargs"]),
+                            "dtype": spec["dtype"], "device": spec["device"], "parameters": spec["parameters"],
+                            "storage": json_attr(spec.get("storage"))})
+        write_tree(group, "state", model.state_dict(), compression=self.compression)
+
+    def append_monitor_rows(self, monitor, written: int) -> int:
+        """Append the monitor's norms of steps ``written:`` to /gradients; returns the rows now written."""
+        return append_monitor_rows(self.gradients, monitor, written)
+
+    def write_monitor_sketches(self, monitor) -> None:
+        write_monitor_sketches(self._file["gradients"], monitor, self.compression)
+
+    def write_solution(self, x, prediction, reference, *, input_names=None, output_names=None) -> float | None:
+        """/solution: grid x (M, d), prediction and reference (M, n_out), error = prediction - reference."""
+        if "solution" in self._file:
+            del self._file["solution"]
+        group = self._file.create_group("solution")
+        x = np.asarray(x, dtype=np.float64)
+        prediction = np.asarray(prediction, dtype=np.float64)
+        opts = dict(chunks=True, compression=self.compression) if self.compression else {}
+        group.create_dataset("x", data=x, **opts)
+        group.create_dataset("prediction", data=prediction, **opts)
+        l2 = None
+        if reference is not None:
+            reference = np.asarray(reference, dtype=np.float64)
+            group.create_dataset("reference", data=reference, **opts)
+            group.create_dataset("error", data=prediction - reference, **opts)
+            norm = np.linalg.norm(reference)
+            l2 = float(np.linalg.norm(prediction - reference) / norm) if norm > 0 else None
+            if l2 is not None:
+                group.attrs["l2_relative_error"] = l2
+            per = [float(np.linalg.norm(prediction[:, i] - reference[:, i]) / n) if (n := np.linalg.norm(
+                reference[:, i])) > 0 else float("nan") for i in range(reference.shape[1])]
+            group.attrs["l2_relative_error_per_output"] = np.asarray(per)
+        if input_names is not None:
+            group.attrs["input_names"] = json_attr(list(input_names))
+        if output_names is not None:
+            group.attrs["output_names"] = json_attr(list(output_names))
+        return l2
+
+    def write_checkpoint(self, state: dict, *, step: int, wall_time_s: float | None) -> None:
+        write_tree(self._file, "checkpoint", state, compression=self.compression)
+        self._file["checkpoint"].attrs.update(step=int(step), written=_now())
+        if wall_time_s is not None:
+            self._file["checkpoint"].attrs["wall_time_s"] = float(wall_time_s)
+
+    # -- commits -----------------------------------------------------------------------
+    def commit(self) -> None:
+        """Make ``path`` a copy of the live file, atomically (see the module docstring)."""
+        self.flush()
+        self._file.close()
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as dst, open(self.live, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.path.parent)
+        self._file = h5py.File(self.live, "r+")
+        self._open_tables()
+
+    def close(self) -> None:
+        """Final commit: the live file becomes ``path``."""
+        self.flush()
+        self._file.close()
+        with open(self.live, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.live, self.path)
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Close the live file without committing (``path`` keeps the last commit)."""
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001 - already closed or broken; nothing more to save
+            pass
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is (POSIX); not supported on Windows.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,175 @@
+"""Compact encodings of activation matrices kept for the backward pass.
+
+A codec turns a float matrix x (N, w) into a few smaller tensors and back:
+
+| codec | stored per element | error |
+|---|---|---|
+| `ExactCodec` | the tensor itself (4 B in float32) | none |
+| `BFloat16Codec` | 2 B | relative 2^-8 per element |
+| `IntCodec(8)` | 1 B + one scale per row (or group) | |x - x_hat| <= max|row| / 254 |
+| `IntCodec(4)` | 0.5 B (two codes per byte) + one scale per row (or group) | |x - x_hat| <= max|row| / 14 |
+
+Integer codes are symmetric (zero maps to zero) with **one scale per row**
+(per collocation point / sample), or per row and group of columns: rows
+differ by orders of magnitude in PINN activations (points near a shock), and
+a per-row scale keeps small rows accurate. Rounding is to nearest, so the
+error is deterministic.
+
+`pack_mask` / `unpack_mask` store a boolean matrix in one bit per element
+(ReLU's derivative).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+
+__all__ = ["AbstractCodec", "ExactCodec", "BFloat16Codec", "IntCodec", "make_codec", "CODECS",
+           "pack_mask", "unpack_mask"]
+
+
+class AbstractCodec(abc.ABC):
+    """encode(x (N, w)) -> tuple of tensors; decode(parts, shape, dtype) -> x_hat (N, w)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Encode a floating matrix x (N, w)."""
+
+    @abc.abstractmethod
+    def decode(self, parts: tuple[torch.Tensor, ...], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Decode to a (N, w) matrix of `dtype`."""
+
+    @abc.abstractmethod
+    def nbytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """Bytes `encode` produces for a matrix of `shape` and `dtype`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ExactCodec(AbstractCodec):
+    name = "exact"
+
+    def encode(self, x):
+        return (x,)
+
+    def decode(self, parts, shape, dtype):
+        return parts[0].to(dtype)
+
+    def nbytes(self, shape, dtype):
+        return math.prod(shape) * torch.finfo(dtype).bits // 8
+
+
+class BFloat16Codec(AbstractCodec):
+    name = "bfloat16"
+
+    def encode(self, x):
+        return (x.to(torch.bfloat16),)
+
+    def decode(self, parts, shape, dtype):
+        return parts[0].to(dtype)
+
+    def nbytes(self, shape, dtype):
+        return 2 * math.prod(shape)
+
+
+class IntCodec(AbstractCodec):
+    """Symmetric integer codes, bits in {4, 8}, with one float scale per row or per group of columns.
+
+    group=None: one scale per row; group=g: one scale per row and per g consecutive
+    columns (finer scales follow a heavy-tailed row more closely, at w/g scales per row).
+    """
+
+    def __init__(self, bits: int, group: int | None = None):
+        if bits not in (4, 8):
+            raise ValueError(f"bits={bits!r} is not supported; pass bits=4 or bits=8")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2):
+            raise ValueError(f"group={group!r} must be None (one scale per row) or an even int >= 2")
+        self.bits, self.group = bits, group
+        self.name = f"int{bits}" if group is None else f"int{bits}g{group}"
+        self._levels = 2 ** (bits - 1) - 1          # codes in [-levels, levels]
+
+    def __repr__(self) -> str:
+        return f"IntCodec(bits={self.bits}, group={self.group})"
+
+    def _groups(self, w: int) -> tuple[int, int]:
+        g = w if self.group is None else self.group
+        return g, -(-w // g)
+
+    def encode(self, x):
+        n, w = x.shape
+        g, ng = self._groups(w)
+        xg = x if ng * g == w else torch.cat([x, x.new_zeros(n, ng * g - w)], dim=1)
+        xg = xg.view(n, ng, g)
+        scale = xg.abs().amax(dim=2, keepdim=True) / self._levels          # (N, G, 1)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.round(xg / safe).clamp_(-self._levels, self._levels).to(torch.int8).view(n, ng * g)
+        if self.bits == 4:
+            codes = _pack_nibbles(codes)
+        return codes, scale.view(n, ng).to(x.dtype)
+
+    def decode(self, parts, shape, dtype):
+        codes, scale = parts
+        n, w = shape
+        g, ng = self._groups(w)
+        if self.bits == 4:
+            codes = _unpack_nibbles(codes, ng * g)
+        x = codes.view(n, ng, g).to(dtype) * scale.to(dtype)[:, :, None]
+        return x.view(n, ng * g)[:, :w]
+
+    def nbytes(self, shape, dtype):
+        n, w = shape
+        g, ng = self._groups(w)
+        code_bytes = n * ng * g if self.bits == 8 else n * ((ng * g + 1) // 2)
+        return code_bytes + n * ng * torch.finfo(dtype).bits // 8
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-7, 7], (N, w) -> uint8 (N, ceil(w/2)), two 4-bit codes per byte."""
+    n, w = codes.shape
+    if w % 2:
+        codes = torch.cat([codes, codes.new_zeros(n, 1)], dim=1)
+    u = (codes + 8).to(torch.uint8)                                        # [1, 15]
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor, w: int) -> torch.Tensor:
+    low = (packed & 15).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)[:, :w]
+
+
+CODECS = {"exact": ExactCodec, "bfloat16": BFloat16Codec, "int8": lambda: IntCodec(8), "int4": lambda: IntCodec(4)}
+
+
+def make_codec(name: str | AbstractCodec) -> AbstractCodec:
+    """The codec called `name`: "exact" | "bfloat16" | "int8" | "int4" (or pass a codec through)."""
+    if isinstance(name, AbstractCodec):
+        return name
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS)}")
+    return CODECS[name]()
+
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean tensor (any shape) -> uint8 (ceil(numel / 8),), one bit per element."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `pack_mask`: uint8 bits -> boolean tensor of `shape`."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = (packed[:, None] & weights) != 0
+    return bits.reshape(-1)[: math.prod(shape)].reshape(shape)

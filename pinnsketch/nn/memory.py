@@ -1,0 +1,185 @@
+"""Measure the activation memory autograd keeps for the backward pass.
+
+`MemoryMeter` installs `torch.autograd.graph.saved_tensors_hooks` for the
+duration of one training step (forward *and* backward) and counts the bytes of
+the **distinct storages** that autograd holds on to: two saved views of one
+buffer count once (dedupe by ``untyped_storage().data_ptr()``), and a storage
+stops counting the moment the last saved reference to it is released (after
+its node's backward ran, or when the graph is freed). ``peak_bytes`` is the
+maximum of that live total over the step.
+
+NOTE [what the meter sees]
+    * Every tensor saved through ``ctx.save_for_backward`` or by a built-in
+      op, while the meter's hooks are the innermost ``saved_tensors_hooks``.
+      Tensors saved *during* backward (a recomputation inside a custom
+      backward under ``enable_grad``) count too: they are part of the step.
+    * Not parameters (``nn.Parameter``): they are model state and live
+      anyway; pass ``include_parameters=True`` to count them.
+    * Not what an inner hook hides: ``torch.utils.checkpoint`` installs its own
+      hooks inside a checkpointed segment, so the tensors it drops (and later
+      recomputes) never reach an outer hook. What checkpoint keeps alive, the
+      segment inputs, it saves as ordinary saved tensors *outside* its hooks,
+      so the meter counts them. Its backward recompute transient (one segment)
+      is reported to the active meter by the storage policy through
+      :meth:`MemoryMeter.track` (see `pinnsketch.nn.storage.CheckpointStorage`).
+    * On CUDA, ``cuda_peak_bytes`` is ``torch.cuda.max_memory_allocated`` over
+      the step, which includes everything (weights, gradients, workspace).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import weakref
+
+import torch
+
+__all__ = ["MemoryMeter"]
+
+# The stack of meters entered in the current context, innermost last. A
+# ContextVar (not a module global) so concurrent threads or tasks each see
+# their own meters; policies look up the innermost one to report storage that
+# a nested hook hides from it.
+_ACTIVE: contextvars.ContextVar[tuple["MemoryMeter", ...]] = contextvars.ContextVar(
+    "pinnsketch_active_memory_meters", default=()
+)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[tuple, int]:
+    storage = t.untyped_storage()
+    return (t.device.type, -1 if t.device.index is None else t.device.index, storage.data_ptr()), storage.nbytes()
+
+
+class _Packed:
+    """What autograd holds instead of the tensor; releasing it releases the bytes."""
+
+    __slots__ = ("tensor", "_meter", "_key", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, meter: "MemoryMeter", key):
+        self.tensor = tensor
+        self._meter = meter
+        self._key = key
+
+    def __del__(self):
+        self._meter._release(self._key)
+
+
+class MemoryMeter:
+    """Count distinct storages autograd saves for backward during one step.
+
+    Usage::
+
+        with MemoryMeter() as meter:
+            loss = model.jet(x, spec) ...          # forward
+            loss.backward()                        # backward inside the block
+        meter.peak_bytes, meter.cuda_peak_bytes    # int, int | None (None on CPU)
+
+    Attributes (valid after exit, and live during the step):
+        peak_bytes: maximum over the step of the bytes of distinct saved storages.
+        live_bytes: bytes still held (0 after a complete backward that freed the graph).
+        saved_bytes_total: bytes of all distinct storages ever saved in the step.
+        cuda_peak_bytes: ``torch.cuda.max_memory_allocated`` over the step on the CUDA
+            device the saved tensors live on; None when no saved tensor was on CUDA.
+
+    Args:
+        include_parameters: also count saved ``nn.Parameter`` tensors (default False).
+    """
+
+    def __init__(self, *, include_parameters: bool = False):
+        if not isinstance(include_parameters, bool):
+            raise TypeError(f"include_parameters must be a bool, got {include_parameters!r}")
+        self.include_parameters = include_parameters
+        self.peak_bytes = 0
+        self.live_bytes = 0
+        self.saved_bytes_total = 0
+        self.cuda_peak_bytes: int | None = None
+        self._refs: dict = {}          # storage key -> [count, nbytes]
+        self._lock = threading.Lock()
+        self._hooks = None
+        self._token = None
+        self._cuda_devices: set[int] = set()
+        self._cuda_reset: list[int] = []
+
+    # -- context manager ----------------------------------------------------------
+    def __enter__(self) -> "MemoryMeter":
+        if self._hooks is not None:
+            raise RuntimeError("this MemoryMeter is already active; use a new MemoryMeter per step")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # Reset every initialized device's peak; read the one the tensors used.
+            self._cuda_reset = list(range(torch.cuda.device_count()))
+            for index in self._cuda_reset:
+                torch.cuda.reset_peak_memory_stats(index)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        self._token = _ACTIVE.set(_ACTIVE.get() + (self,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.reset(self._token)
+        self._hooks.__exit__(*exc)
+        if self._cuda_devices:
+            self.cuda_peak_bytes = max(torch.cuda.max_memory_allocated(i) for i in self._cuda_devices)
+
+    @staticmethod
+    def current() -> "MemoryMeter | None":
+        """The innermost meter entered in this context, or None."""
+        stack = _ACTIVE.get()
+        return stack[-1] if stack else None
+
+    # -- accounting ---------------------------------------------------------------
+    def track(self, *tensors: torch.Tensor) -> None:
+        """Count the storages of ``tensors`` as saved until each storage is freed.
+
+        For memory a nested hook hides from the meter (checkpoint's recompute
+        transient): the bytes count from now until the storage itself dies
+        (a finalizer on the storage, which PyTorch keeps alive exactly as long
+        as any tensor uses it).
+        """
+        for t in tensors:
+            key = self._acquire(t)
+            weakref.finalize(t.untyped_storage(), self._release, key)
+
+    def _acquire(self, t: torch.Tensor):
+        key, nbytes = _storage_key(t)
+        if t.is_cuda:
+            self._cuda_devices.add(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        with self._lock:
+            entry = self._refs.get(key)
+            if entry is None:
+                self._refs[key] = [1, nbytes]
+                self.live_bytes += nbytes
+                self.saved_bytes_total += nbytes
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            else:
+                entry[0] += 1
+        return key
+
+    def _release(self, key) -> None:
+        with self._lock:
+            entry = self._refs.get(key)
+            if entry is None:
+                return
+            entry[0] -= 1
+            if entry[0] == 0:
+                del self._refs[key]
+                self.live_bytes -= entry[1]
+
+    def _skip(self, t: torch.Tensor) -> bool:
+        if t.layout != torch.strided:
+            return True
+        # Parameters and their views (Linear saves weight.t()) are model state.
+        base = t if t._base is None else t._base
+        return isinstance(base, torch.nn.Parameter) and not self.include_parameters
+
+    def _pack(self, t: torch.Tensor):
+        if self._skip(t):
+            return t
+        return _Packed(t, self, self._acquire(t))
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Packed) else packed
+
+    def __repr__(self) -> str:
+        return (f"MemoryMeter(peak_bytes={self.peak_bytes}, live_bytes={self.live_bytes}, "
+                f"cuda_peak_bytes={self.cuda_peak_bytes})")

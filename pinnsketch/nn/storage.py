@@ -1,0 +1,242 @@
+"""Storage policies: what a fused dense block keeps for its backward pass.
+
+Every block of a pinnsketch network maps the previous pre-activation jet
+z_prev (S, N, w_in) to z = act(z_prev) W^T + b (`pinnsketch.nn.fused`). Its
+backward needs z_prev twice: for the weight gradient grad_W = sum_s g_s^T a_s
+with a = act(z_prev), and for the nonlinearity's derivative path
+grad_z_prev = J_act(z_prev)^T (g W). A storage policy decides what is kept of
+z_prev in the forward pass and what the backward reconstructs from it.
+
+The interface (`AbstractStorage`), with the two simplest policies:
+
+* `ExactStorage` ("exact"): keeps z_prev; every gradient is exact.
+* `CheckpointStorage` ("checkpoint"): keeps only the inputs of segments of
+  consecutive blocks; the model recomputes a segment in backward
+  (`torch.utils.checkpoint`, non-reentrant). Every gradient is exact.
+
+The sketched policies live in their own modules: `projection`, `ema`,
+`lowrank`; `pinnsketch.nn.policies.make_storage` builds any of them by name.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..sketch import derive_seed
+
+__all__ = ["AbstractStorage", "Stored", "ExactStorage", "CheckpointStorage", "StorageError",
+           "encode_streams", "decode_streams", "check_finite_activation", "stored_bytes"]
+
+
+class StorageError(ValueError):
+    """A storage policy cannot handle the tensors it was given (bad rank, non-finite values, ...)."""
+
+
+@dataclass
+class Stored:
+    """What a policy hands the fused block's backward.
+
+    z: rows -> reconstruction of z_prev[:, rows] (S, n, w) for the nonlinearity's
+        derivative path and the chunked weight gradient, or None when the policy
+        keeps nothing of z_prev (then backward needs none: ReLU/identity with a
+        policy that computes its own weight gradient). Backward works through the
+        points in chunks so that only one chunk is reconstructed at a time.
+    payload: policy-specific extras (e.g. projected activations, audit accumulators).
+    """
+
+    z: Callable[[slice], torch.Tensor] | None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self, rows: slice) -> torch.Tensor | None:
+        return None if self.z is None else self.z(rows)
+
+    @staticmethod
+    def of(z: torch.Tensor, **payload) -> "Stored":
+        """Stored for a dense reconstruction z (S, N, w)."""
+        return Stored(lambda rows: z[:, rows], dict(payload))
+
+
+class AbstractStorage(torch.nn.Module, abc.ABC):
+    """How one block stores z_prev for backward. One instance per block.
+
+    Subclasses implement `pack` (forward, under no_grad) and `unpack` (backward).
+    The weight gradient is, by default, accumulated over chunks of points from
+    the reconstruction (`weight_grad_chunk`: sum over streams of g_s^T a_s); a
+    policy that estimates it otherwise overrides `weight_grad`. Per-step randomness comes from `step_seed()`, derived
+    from (seed, layer, step): fixed within an optimizer step so that L-BFGS
+    re-evaluations see the same test matrices, new after `advance()`.
+
+    Class attributes:
+        name: registry name.
+        exact_z: True when `unpack` returns z_prev exactly (then ReLU's mask is
+            derived from it instead of being stored separately).
+    """
+
+    name: ClassVar[str]
+    exact_z: ClassVar[bool] = False
+
+    def __init__(self):
+        super().__init__()
+        self.layer = 0
+        self.n_layers = 1
+        self.seed = 0
+        self.step = 0
+        self.last: dict[str, Any] = {}           # the step's largest call (for storage_report)
+        self._noted_step = -1
+
+    def bind(self, layer: int, seed: int, n_layers: int = 1) -> "AbstractStorage":
+        """Attach the policy to block `layer` of `n_layers` in a model whose storage seed is `seed`."""
+        self.layer, self.seed, self.n_layers = int(layer), int(seed), int(n_layers)
+        return self
+
+    def clone(self) -> "AbstractStorage":
+        """A fresh copy with the same configuration (one per block)."""
+        return copy.deepcopy(self)
+
+    def step_seed(self, *keys: int | str) -> int:
+        """Seed of this layer's random test matrices for the current step."""
+        return derive_seed(self.seed, "layer", self.layer, "step", self.step, *keys)
+
+    def advance(self) -> None:
+        """Move to the next optimizer step (new test matrices, controller updates)."""
+        self.step += 1
+
+    @abc.abstractmethod
+    def pack(self, z_prev: torch.Tensor, a: torch.Tensor, block) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """Forward: z_prev (S, N, w) and its activation a (S, N, w) -> (tensors to save, metadata)."""
+
+    @abc.abstractmethod
+    def unpack(self, saved: tuple[torch.Tensor, ...], meta: Any, block) -> Stored:
+        """Backward: rebuild what `weight_grad` and the derivative path need."""
+
+    def weight_grad(self, grad_z: torch.Tensor, stored: Stored, block) -> torch.Tensor | None:
+        """The whole grad_W (out, in) from grad_z (S, N, out), or None to accumulate chunks."""
+        return None
+
+    def weight_grad_chunk(self, grad_z: torch.Tensor, a: torch.Tensor, stored: Stored, rows: slice,
+                          block) -> torch.Tensor:
+        """Contribution of points `rows`: sum_s grad_z[s]^T a[s]; grad_z (S, n, out), a (S, n, in)."""
+        return grad_z.flatten(0, 1).mT @ a.flatten(0, 1)
+
+    def finish_backward(self, stored: Stored, grad_w: torch.Tensor, block) -> None:
+        """Called with the block's weight gradient once backward has it (audits)."""
+
+    def _note(self, info: dict[str, Any]) -> None:
+        """Record what a call stored; the report shows the largest call of the step
+        (a PINN step also calls the network on small boundary sets)."""
+        if self._noted_step != self.step or info.get("saved_bytes", 0) >= self.last.get("saved_bytes", 0):
+            self.last, self._noted_step = info, self.step
+
+    def report(self) -> dict[str, Any]:
+        """Per-layer summary for `storage_report()`."""
+        return {"layer": self.layer, "storage": self.name, "rank": None, "error_estimate": None,
+                **self.last}
+
+    # Step counter and controller state travel with the model's state_dict.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"layer": self.layer, "n_layers": self.n_layers, "seed": self.seed, "step": self.step}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.layer, self.n_layers = state["layer"], state["n_layers"]
+        self.seed, self.step = state["seed"], state["step"]
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}"
+
+
+def stored_bytes(tensors) -> int:
+    """Bytes of distinct storages among `tensors` (what save_for_backward keeps alive)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def encode_streams(codec, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Encode a jet z (S, N, w) as one (S*N, w) matrix: per-row codec scales are per stream and point."""
+    return codec.encode(z.reshape(-1, z.shape[-1]))
+
+
+def decode_streams(codec, parts, shape: tuple[int, int, int], dtype: torch.dtype,
+                   rows: slice = slice(None)) -> torch.Tensor:
+    """Inverse of `encode_streams` for points `rows` only: -> (S, n, w).
+
+    Every part of an encoded (S*N, w) matrix is row-aligned (codes, scales), so
+    a chunk of points decodes without touching the rest.
+    """
+    s, n, w = shape
+    start, stop, _ = rows.indices(n)
+    out = []
+    for i in range(s):
+        sub = tuple(p[i * n + start:i * n + stop] for p in parts)
+        out.append(codec.decode(sub, (stop - start, w), dtype))
+    return torch.stack(out)
+
+
+def check_finite_activation(z: torch.Tensor, layer: int, policy: str) -> None:
+    """Raise a clear error when non-finite activations would reach a sketch."""
+    finite = torch.isfinite(z)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise StorageError(
+            f"layer {layer}: {bad} non-finite activation entries (NaN or inf) reached the {policy!r} storage "
+            "sketch, which would corrupt every reconstructed entry; the training diverged or the inputs "
+            "hold NaN/inf. Lower the learning rate, check the inputs, or use storage='exact' to debug")
+
+
+class ExactStorage(AbstractStorage):
+    """Keep z_prev itself. Stores S*N*w floats per block; every gradient is exact."""
+
+    name = "exact"
+    exact_z = True
+
+    def pack(self, z_prev, a, block):
+        self._note({"saved_bytes": stored_bytes([z_prev])})
+        return (z_prev,), None
+
+    def unpack(self, saved, meta, block):
+        return Stored.of(saved[0])
+
+
+class CheckpointStorage(ExactStorage):
+    """Recompute consecutive blocks in backward (`torch.utils.checkpoint`, non-reentrant).
+
+    The model splits each run of consecutive checkpoint blocks into segments of
+    `segment` blocks (default: round(sqrt(run length)), which balances the
+    segment inputs kept in forward, about run/segment tensors, against the
+    backward recompute transient, one segment's saved tensors) and wraps each
+    segment in `torch.utils.checkpoint.checkpoint(use_reentrant=False)`.
+
+    Stores: the input of every segment (counted by `MemoryMeter` like any saved
+    tensor). Backward: recomputes one segment at a time, whose blocks then save
+    z_prev exactly as `ExactStorage` does; that transient is registered with the
+    active `MemoryMeter` (checkpoint's own hooks hide it). Every gradient is exact.
+
+    Args:
+        segment: blocks per checkpointed segment (None: round(sqrt(run length))).
+    """
+
+    name = "checkpoint"
+
+    def __init__(self, segment: int | None = None):
+        super().__init__()
+        if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
+            raise ValueError(f"segment={segment!r} must be a positive int (blocks per checkpointed segment) "
+                             "or None for round(sqrt(run length))")
+        self.segment = segment
+
+    def segment_length(self, run: int) -> int:
+        """Blocks per segment for a run of `run` consecutive checkpoint blocks."""
+        return self.segment if self.segment is not None else max(1, round(math.sqrt(run)))

@@ -1,0 +1,271 @@
+"""Option objects of `pinnsketch.solve`: small frozen dataclasses validated on construction.
+
+    ps.solve(problem,
+             network=ps.Network(width=64, depth=4, activation="tanh"),
+             adam=ps.Adam(steps=10_000, lr=1e-3, schedule=ps.Cosine(final=0.05)),
+             lbfgs=ps.LBFGS(steps=2_000),
+             points=ps.Points(domain=8_000, boundary=400, initial=400, refine=ps.RAR()))
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .geometry import SAMPLERS
+
+__all__ = [
+    "Network",
+    "Adam",
+    "LBFGS",
+    "Points",
+    "RAR",
+    "Schedule",
+    "Constant",
+    "Cosine",
+    "Exponential",
+    "SCHEDULES",
+]
+
+
+def _positive_int(value, what: str, allow_zero: bool = False) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{what}={value!r} must be a {'non-negative' if allow_zero else 'positive'} int")
+    return value
+
+
+def _positive_float(value, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}={value!r} must be a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{what}={value!r} must be a positive finite number")
+    return v
+
+
+# --- learning-rate schedules --------------------------------------------------------------
+class Schedule(abc.ABC):
+    """Learning-rate factor as a pure function of the step (so a resumed run matches)."""
+
+    @abc.abstractmethod
+    def __call__(self, step: int, total: int) -> float:
+        """Multiplier of the base learning rate at `step` of `total` Adam steps."""
+
+    def config(self) -> dict:
+        return {"name": type(self).__name__.lower(), **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """The base learning rate throughout."""
+
+    def __call__(self, step, total):
+        return 1.0
+
+
+@dataclass(frozen=True)
+class Cosine(Schedule):
+    """Cosine decay from 1 to `final` (a fraction of the base rate) over the Adam steps."""
+
+    final: float = 0.05
+
+    def __post_init__(self):
+        if not 0 <= self.final <= 1:
+            raise ValueError(f"Cosine final={self.final!r} must be in [0, 1] (a fraction of the base lr)")
+
+    def __call__(self, step, total):
+        progress = min(step / max(total, 1), 1.0)
+        return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Exponential(Schedule):
+    """Multiply the rate by `rate` every `every` steps (smoothly)."""
+
+    rate: float = 0.9
+    every: int = 1000
+
+    def __post_init__(self):
+        if not 0 < self.rate <= 1:
+            raise ValueError(f"Exponential rate={self.rate!r} must be in (0, 1]")
+        _positive_int(self.every, "Exponential every")
+
+    def __call__(self, step, total):
+        return self.rate ** (step / self.every)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {"constant": Constant, "cosine": Cosine, "exponential": Exponential}
+
+
+def _schedule(schedule) -> Schedule:
+    if schedule is None:
+        return Constant()
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, str) and schedule in SCHEDULES:
+        return SCHEDULES[schedule]()
+    raise ValueError(
+        f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a Schedule "
+        "(ps.Constant(), ps.Cosine(final=...), ps.Exponential(rate=..., every=...))"
+    )
+
+
+# --- optimizers ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Adam:
+    """First phase: `steps` Adam iterations with learning rate `lr` and a schedule."""
+
+    steps: int = 5_000
+    lr: float = 1e-3
+    schedule: Schedule | str | None = field(default_factory=lambda: Cosine(final=0.05))
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self):
+        _positive_int(self.steps, "Adam steps", allow_zero=True)
+        _positive_float(self.lr, "Adam lr")
+        object.__setattr__(self, "schedule", _schedule(self.schedule))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"Adam betas={self.betas!r} must be two numbers in [0, 1)")
+
+    def build(self, params) -> torch.optim.Adam:
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
+
+    def config(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "schedule": self.schedule.config(), "betas": list(self.betas)}
+
+
+@dataclass(frozen=True)
+class LBFGS:
+    """Second phase: `steps` L-BFGS iterations with a strong-Wolfe line search.
+
+    One optimizer step runs up to `max_iter` iterations (`torch.optim.LBFGS`):
+    `model.advance()` is called once per step, so the sketch test matrices
+    stay fixed across the line searches and curvature pairs of those
+    iterations, and the history, callbacks and resume points advance per step.
+    The phase ends early when L-BFGS converges (gradient or change tolerance).
+    """
+
+    steps: int = 5_000
+    max_iter: int = 20
+    history_size: int = 50
+    lr: float = 1.0
+    tolerance_grad: float = 1e-12
+    tolerance_change: float = 1e-15
+    max_line_search: int = 25
+
+    def __post_init__(self):
+        _positive_int(self.steps, "LBFGS steps", allow_zero=True)
+        _positive_int(self.max_iter, "LBFGS max_iter")
+        _positive_int(self.max_line_search, "LBFGS max_line_search")
+        _positive_int(self.history_size, "LBFGS history_size")
+        _positive_float(self.lr, "LBFGS lr")
+
+    def build(self, params) -> torch.optim.LBFGS:
+        return torch.optim.LBFGS(
+            params, lr=self.lr, max_iter=self.max_iter, history_size=self.history_size,
+            tolerance_grad=self.tolerance_grad, tolerance_change=self.tolerance_change,
+            line_search_fn="strong_wolfe",
+        )
+
+    @staticmethod
+    def limit(optimizer: torch.optim.LBFGS, iterations: int, max_line_search: int) -> None:
+        """Cap the next step at `iterations` iterations.
+
+        max_eval also bounds each line search (max_ls = max_eval - evaluations so far),
+        so it gets room for a full line search in every iteration.
+        """
+        for group in optimizer.param_groups:
+            group["max_iter"] = iterations
+            group["max_eval"] = iterations * (1 + max_line_search)
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+# --- collocation points -------------------------------------------------------------------
+@dataclass(frozen=True)
+class RAR:
+    """Residual-based adaptive refinement (Lu et al. 2021): during Adam, every
+    `every` steps evaluate |residual| on `candidates` fresh random domain points
+    and add the `add` worst to the collocation set, up to `max_points` added."""
+
+    every: int = 1_000
+    candidates: int = 20_000
+    add: int = 250
+    max_points: int = 2_500
+
+    def __post_init__(self):
+        for name in ("every", "candidates", "add", "max_points"):
+            _positive_int(getattr(self, name), f"RAR {name}")
+        if self.add > self.candidates:
+            raise ValueError(f"RAR add={self.add} exceeds candidates={self.candidates}; pass add <= candidates")
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Points:
+    """Collocation points: counts per set, sampler, resampling and refinement.
+
+    domain: interior points for the residual; boundary: points on the spatial
+    boundary shared by the boundary conditions; initial: points at t0 for
+    initial conditions. sampler: one of "hammersley", "sobol", "halton", "lhs",
+    "random", "uniform" (deepxde's samplers). resample_every: draw fresh
+    pseudo-random domain points every so many Adam steps (None: never; refined
+    points are kept). refine: a `RAR` or None.
+    """
+
+    domain: int = 6_000
+    boundary: int = 200
+    initial: int = 200
+    sampler: str = "hammersley"
+    resample_every: int | None = None
+    refine: RAR | None = None
+
+    def __post_init__(self):
+        _positive_int(self.domain, "Points domain")
+        _positive_int(self.boundary, "Points boundary", allow_zero=True)
+        _positive_int(self.initial, "Points initial", allow_zero=True)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if self.resample_every is not None:
+            _positive_int(self.resample_every, "Points resample_every")
+        if self.refine is not None and not isinstance(self.refine, RAR):
+            raise TypeError(f"Points refine={self.refine!r} must be a ps.RAR(...) or None")
+
+    def config(self) -> dict:
+        out = asdict(self)
+        out["refine"] = None if self.refine is None else self.refine.config()
+        return out
+
+
+@dataclass(frozen=True)
+class Network:
+    """The MLP the solver builds: `width` units in each of `depth` hidden layers."""
+
+    width: int = 32
+    depth: int = 4
+    activation: str = "tanh"
+
+    def __post_init__(self):
+        _positive_int(self.width, "Network width")
+        _positive_int(self.depth, "Network depth")
+        from ..nn.activations import get_activation
+
+        get_activation(self.activation)  # validates the name, listing the choices
+
+    def build(self, in_features: int, out_features: int, storage, generator: torch.Generator,
+              dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        from ..nn import MLP
+
+        return MLP(in_features, out_features, width=self.width, depth=self.depth, activation=self.activation,
+                   storage=storage, seed=generator, dtype=dtype, device=device)
+
+    def config(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,447 @@
+"""`solve(problem, *, ...)`: train a PINN with Adam, then L-BFGS, and check it.
+
+    result = ps.solve(Burgers(), storage="lowrank", adam=ps.Adam(steps=10_000), seed=0)
+    result.l2_relative_error, result.predict(x), result.save("burgers.h5")
+
+Every option is keyword-only; `None` means "the problem's `solver_defaults`
+entry, else the global default" (see `DEFAULTS`). The loop is plain: per step,
+optional resampling / refinement (Adam only), `model.advance()` once, the
+loss terms, a finiteness check, backward, the optimizer step, bookkeeping,
+callbacks. An L-BFGS step runs up to `LBFGS.max_iter` iterations with one
+`advance()`, so line searches and curvature pairs within it see the same
+sketch test matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .callbacks import Callback, ProgressBar, TrainingState
+from .conditions import Condition
+from .derivatives import get_provider
+from .errors import ProblemDefinitionError, TrainingDivergedError
+from .objective import Objective
+from .options import LBFGS, RAR, Adam, Network, Points
+from .problem import Layout, Problem
+from .result import Evaluator, Result, predict
+from .sampling import CollocationPoints, refine_points
+
+__all__ = ["solve", "loss_terms", "DEFAULTS", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+DEFAULTS: dict[str, Any] = {
+    "network": Network(width=32, depth=4, activation="tanh"),
+    "storage": "lowrank",
+    "adam": Adam(),
+    "lbfgs": LBFGS(),
+    "points": Points(refine=RAR()),  # RAR: Burgers' error sits at the shock
+    "loss_weights": None,
+    "seed": 0,
+    "dtype": "float32",
+    "device": "auto",
+    "derivatives": "jet",
+    "eval_every": 1_000,
+    "eval_points": 10_000,
+}
+
+
+def _resolve(problem: Problem, given: dict[str, Any]) -> dict[str, Any]:
+    own = dict(getattr(problem, "solver_defaults", None) or {})
+    unknown = sorted(set(own) - set(DEFAULTS))
+    if unknown:
+        raise ProblemDefinitionError(
+            f"{type(problem).__name__}.solver_defaults has unknown keys {unknown}; valid: {sorted(DEFAULTS)}"
+        )
+    return {k: given[k] if given.get(k) is not None else own.get(k, DEFAULTS[k]) for k in DEFAULTS}
+
+
+def _device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; pass 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; pass device='cpu' or 'auto'")
+    return dev
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    for key, cls in (("adam", Adam), ("lbfgs", LBFGS), ("points", Points)):
+        if not isinstance(o[key], cls):
+            raise TypeError(f"{key}={o[key]!r} must be a ps.{cls.__name__}(...)")
+    seed = o["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative int")
+    for key in ("eval_every", "eval_points"):
+        v = o[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key}={v!r} must be a positive int")
+    if o["loss_weights"] is not None and not isinstance(o["loss_weights"], Mapping):
+        raise TypeError(f"loss_weights={o['loss_weights']!r} must be None or a dict {{term: weight}}")
+
+
+def _build_network(o, explicit_storage, layout: Layout, generator, dtype, device) -> torch.nn.Module:
+    network, n_in, n_out = o["network"], layout.dim, len(layout.output_names)
+    if isinstance(network, Network):
+        # initialize on the CPU (the run's generator lives there), then move
+        return network.build(n_in, n_out, o["storage"], generator, dtype, torch.device("cpu")).to(device)
+    if isinstance(network, torch.nn.Module):
+        if explicit_storage is not None:
+            raise ValueError(
+                "storage= applies to networks the solver builds; with your own network=nn.Module "
+                "choose its storage when constructing it and leave storage unset"
+            )
+        return network.to(device=device, dtype=dtype)
+    raise TypeError(f"network={network!r} must be a ps.Network(...) or a torch.nn.Module")
+
+
+def _check_callbacks(callbacks) -> list:
+    out = list(callbacks or ())
+    for cb in out:
+        if not all(callable(getattr(cb, m, None)) for m in ("on_start", "on_step", "on_end")):
+            raise TypeError(f"callback {cb!r} must have on_start, on_step and on_end methods (subclass ps.Callback)")
+    return out
+
+
+def _meter(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    from ..nn import MemoryMeter
+
+    return MemoryMeter()
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return after // every > before // every
+
+
+def _new_history(term_names: Sequence[str], parameter_names: Sequence[str]) -> dict:
+    return {
+        "step": [], "phase": [], "loss": [], "lr": [], "wall_time_s": [], "step_time_s": [],
+        "terms": {name: [] for name in term_names},
+        "parameters": {name: [] for name in parameter_names},
+        "eval": {"step": [], "l2_relative_error": [], "per_field": {}},
+        "memory": {"step": [], "saved_bytes": []},
+        "refine": {"step": [], "points_added": [], "domain_points": []},
+    }
+
+
+class _Run:
+    """The state of one solve: built once, then driven phase by phase."""
+
+    def __init__(self, problem: Problem, o: dict, explicit_storage, callbacks, progress: bool):
+        self.problem, self.o = problem, o
+        self.layout = layout = Layout.of(problem)
+        conditions = list(problem.conditions)
+        bad = [c for c in conditions if not isinstance(c, Condition)]
+        if bad:
+            raise ProblemDefinitionError(
+                f"{type(problem).__name__}.conditions has {bad!r}; use ps.Dirichlet, ps.Neumann, ps.Robin, "
+                "ps.Periodic, ps.Initial, ps.InitialVelocity or ps.PointData"
+            )
+        self.dtype, self.device = _dtype(o["dtype"]), _device(o["device"])
+        self.generator = torch.Generator().manual_seed(o["seed"])
+        self.network = _build_network(o, explicit_storage, layout, self.generator, self.dtype, self.device)
+        self.parameters = {
+            name: torch.nn.Parameter(torch.tensor(p.initial, dtype=self.dtype, device=self.device))
+            for name, p in type(problem).parameters().items()
+        }
+        problem._bind_parameters(self.parameters)
+        self.params = [*self.network.parameters(), *self.parameters.values()]
+        self.points = CollocationPoints(layout, conditions, o["points"], self.generator)
+        self.points.sample()
+        self.objective = Objective(problem, layout, self.network, get_provider(o["derivatives"]), self.points,
+                                   self.dtype, self.device, o["loss_weights"])
+        self.evaluator: Evaluator | None = None  # built in run(): references can be costly
+        adam, lbfgs = o["adam"], o["lbfgs"]
+        self.callbacks = _check_callbacks(callbacks)
+        self.bar = ProgressBar(disable=None if progress else True)
+        self.state = TrainingState(
+            problem=problem, model=self.network, config=self._config(), max_steps=adam.steps + lbfgs.steps,
+            history=_new_history(self.objective.term_names, list(self.parameters)), parameters=self.parameters,
+            generator=self.generator, points=self.points, callbacks=self.callbacks,
+        )
+
+    def _config(self) -> dict:
+        o, obj = self.o, self.objective
+        net = o["network"]
+        storage = o["storage"] if isinstance(net, Network) else None
+        return {
+            "problem": getattr(self.problem, "name", None) or type(self.problem).__name__.lower(),
+            "problem_class": f"{type(self.problem).__module__}.{type(self.problem).__qualname__}",
+            "input_names": list(self.layout.input_names),
+            "output_names": list(self.layout.output_names),
+            "network": net.config() if isinstance(net, Network) else {"module": type(net).__name__},
+            "storage": storage if storage is None or isinstance(storage, str) else repr(storage),
+            "adam": o["adam"].config(), "lbfgs": o["lbfgs"].config(), "points": o["points"].config(),
+            "loss_weights": None if o["loss_weights"] is None else dict(o["loss_weights"]),
+            "seed": o["seed"], "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "derivatives": obj.provider.name, "eval_every": o["eval_every"], "eval_points": o["eval_points"],
+            "terms": list(obj.term_names),
+            "residual_derivatives": [
+                "".join(self.layout.input_names[a] for a in mi) for mi in obj.residual_spec.indices[1:]
+            ],
+            "parameters": {k: p.initial for k, p in type(self.problem).parameters().items()},
+            "torch_version": torch.__version__,
+        }
+
+    # --- one step ------------------------------------------------------------------------
+    def _loss(self, phase: str, lr: float) -> tuple[torch.Tensor, list[float]]:
+        terms = self.objective.terms()
+        loss = self.objective.total(terms)
+        values = torch.cat([loss.detach().reshape(1), terms.detach()]).tolist()
+        if not all(math.isfinite(v) for v in values):
+            names = ["loss", *self.objective.term_names]
+            bad = [(n, v) for n, v in zip(names[1:], values[1:]) if not math.isfinite(v)] or [(names[0], values[0])]
+            raise TrainingDivergedError(
+                f"loss term {bad[0][0]!r} became {bad[0][1]} at step {self.state.step} ({phase}); "
+                f"non-finite terms: {[n for n, _ in bad]}. Training stopped before updating on it. "
+                f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
+                "conditions for divisions by zero, logs of negatives or overflow."
+            )
+        return loss, values
+
+    def _advance(self) -> None:
+        advance = getattr(self.network, "advance", None)
+        if callable(advance):
+            advance()
+
+    def _finish_step(self, phase: str, values: list[float], lr: float, dt: float, meter, steps: int = 1) -> None:
+        """Record a step of `steps` iterations (L-BFGS steps may run several)."""
+        st, h = self.state, self.state.history
+        st.step += steps
+        st.loss, st.lr = values[0], lr
+        st.losses = dict(zip(self.objective.term_names, values[1:]))
+        st.wall_time_s = self._wall0 + (time.perf_counter() - self._t0)
+        h["step"].append(st.step)
+        h["phase"].append(phase)
+        h["loss"].append(values[0])
+        h["lr"].append(lr)
+        h["wall_time_s"].append(st.wall_time_s)
+        h["step_time_s"].append(dt)
+        for name, v in st.losses.items():
+            h["terms"][name].append(v)
+        for name, p in self.parameters.items():
+            h["parameters"][name].append(float(p.detach()))
+        if meter is not None and getattr(meter, "peak_bytes", None) is not None:
+            h["memory"]["step"].append(st.step)
+            h["memory"]["saved_bytes"].append(int(meter.peak_bytes))
+            st.saved_bytes_peak = max(st.saved_bytes_peak or 0, int(meter.peak_bytes))
+        st.l2_relative_error = None
+        if _crossed(st.step - steps, st.step, self.o["eval_every"]):
+            self._evaluate()
+        if meter is not None or st.l2_relative_error is not None:
+            report = getattr(self.network, "storage_report", None)
+            st.storage_report = report() if callable(report) else []
+        for cb in self._all_callbacks:
+            cb.on_step(st)
+
+    def _evaluate(self) -> None:
+        ev = self.state.history["eval"]
+        if not self.evaluator.available or (ev["step"] and ev["step"][-1] == self.state.step):
+            return
+        l2, per = self.evaluator.errors(predict(self.network, self.problem, self.evaluator.x))
+        ev["step"].append(self.state.step)
+        ev["l2_relative_error"].append(l2)
+        for name, v in per.items():
+            ev["per_field"].setdefault(name, []).append(v)
+        self.state.l2_relative_error = l2
+
+    def _metered(self) -> bool:
+        """Meter memory on the first step of a phase and on the steps that end at an evaluation."""
+        st = self.state
+        ahead = self.o["lbfgs"].max_iter if st.phase == "lbfgs" else 1
+        return st.step == st.phase_start or _crossed(st.step, st.step + ahead, self.o["eval_every"])
+
+    # --- phases -------------------------------------------------------------------------
+    def _start_phase(self, phase: str, optimizer) -> None:
+        st = self.state
+        if st.phase == phase and st.pending_optimizer_state is not None:
+            optimizer.load_state_dict(st.pending_optimizer_state)
+        elif st.phase != phase:
+            st.phase, st.phase_start = phase, st.step
+        st.pending_optimizer_state = None
+        st.optimizer, st.stop_phase = optimizer, False
+
+    def adam(self) -> None:
+        adam, pts, st = self.o["adam"], self.o["points"], self.state
+        if st.phase != "adam" or st.step >= adam.steps:
+            return
+        opt = adam.build(self.params)
+        self._start_phase("adam", opt)
+        while st.step < adam.steps and not (st.stop_phase or st.stop_training):
+            step = st.step
+            if pts.resample_every and step > 0 and step % pts.resample_every == 0:
+                self.points.resample()
+            if isinstance(pts.refine, RAR) and step > 0 and step % pts.refine.every == 0:
+                added = refine_points(self.points, pts.refine, self.objective.pointwise)
+                if added:
+                    r = st.history["refine"]
+                    r["step"].append(step)
+                    r["points_added"].append(added)
+                    r["domain_points"].append(len(self.points.domain))
+            lr = adam.lr * adam.schedule(step, adam.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            self._advance()
+            meter = _meter(self._metered())
+            t0 = time.perf_counter()
+            with meter:
+                opt.zero_grad(set_to_none=True)
+                loss, values = self._loss("adam", lr)
+                loss.backward()
+            opt.step()
+            self._finish_step("adam", values, lr, time.perf_counter() - t0,
+                              None if isinstance(meter, contextlib.nullcontext) else meter)
+
+    def lbfgs(self) -> None:
+        lbfgs, st = self.o["lbfgs"], self.state
+        if lbfgs.steps == 0 or st.stop_training:
+            return
+        if st.phase == "lbfgs" and st.step >= st.phase_start + lbfgs.steps:
+            return
+        opt = lbfgs.build(self.params)
+        self._start_phase("lbfgs", opt)
+        end = st.phase_start + lbfgs.steps
+        while st.step < end and not (st.stop_phase or st.stop_training):
+            self._advance()
+            LBFGS.limit(opt, min(lbfgs.max_iter, end - st.step), lbfgs.max_line_search)
+            first: list[list[float]] = []
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss, values = self._loss("lbfgs", lbfgs.lr)
+                loss.backward()
+                if not first:
+                    first.append(values)
+                return loss
+
+            meter = _meter(self._metered())
+            before = opt.state[self.params[0]].get("n_iter", 0)
+            t0 = time.perf_counter()
+            with meter:
+                opt.step(closure)
+            dt = time.perf_counter() - t0
+            done = opt.state[self.params[0]].get("n_iter", 0) - before
+            if done == 0:  # the gradient test ended the step before any iteration: converged
+                break
+            self._finish_step("lbfgs", first[0], lbfgs.lr, dt,
+                              None if isinstance(meter, contextlib.nullcontext) else meter, steps=done)
+            if done < min(lbfgs.max_iter, end - (st.step - done)):
+                break  # L-BFGS stopped on its change tolerances: converged
+
+    def run(self, resume: dict | None) -> Result:
+        st = self.state
+        self.evaluator = Evaluator(self.problem, self.layout, self.o["eval_points"])
+        if resume is not None:
+            st.load_state_dict(resume)
+        self._all_callbacks = [*self.callbacks, self.bar]
+        self._t0, self._wall0 = time.perf_counter(), st.wall_time_s
+        try:
+            for cb in self._all_callbacks:
+                cb.on_start(st)
+            self.adam()
+            st.stop_phase = False
+            self.lbfgs()
+            self._evaluate()
+            result = self._result()
+            for cb in self._all_callbacks:
+                cb.on_end(st, result)
+        finally:
+            self.bar.close()
+        return result
+
+    def _result(self) -> Result:
+        st, h = self.state, self.state.history
+        report = getattr(self.network, "storage_report", None)
+        st.storage_report = report() if callable(report) else []
+        timing: dict[str, float] = {"total_s": st.wall_time_s}
+        iterations = [b - a for a, b in zip([0, *h["step"][:-1]], h["step"])]
+        for phase in ("adam", "lbfgs"):
+            rows = [(t, n) for t, n, p in zip(h["step_time_s"], iterations, h["phase"]) if p == phase]
+            seconds, count = float(sum(t for t, _ in rows)), sum(n for _, n in rows)
+            timing[f"{phase}_steps"] = count  # iterations (an L-BFGS step may run several)
+            timing[f"{phase}_s"] = seconds
+            timing[f"{phase}_ms_per_step"] = 1e3 * seconds / count if count else math.nan
+        ev = h["eval"]
+        l2 = ev["l2_relative_error"][-1] if ev["l2_relative_error"] else None
+        per = {k: v[-1] for k, v in ev["per_field"].items()}
+        evaluation = None
+        if self.evaluator.available:
+            evaluation = {"x": self.evaluator.x, "reference": self.evaluator.u,
+                          "prediction": predict(self.network, self.problem, self.evaluator.x)}
+        config = dict(st.config, steps_done=st.step)
+        return Result(
+            problem=self.problem, model=self.network, history=h, l2_relative_error=l2, l2_per_field=per,
+            parameters={k: float(v.detach()) for k, v in self.parameters.items()}, timing=timing,
+            saved_bytes_peak=st.saved_bytes_peak, storage_report=st.storage_report, evaluation=evaluation,
+            config=config, state=st,
+        )
+
+
+def loss_terms(problem: Problem, network: torch.nn.Module, *, points: Points | None = None, seed: int = 0,
+               dtype="float64", device="cpu", derivatives: str = "jet") -> dict[str, float]:
+    """Unweighted loss terms of a given `network` on `problem` at freshly sampled points.
+
+    No training: useful to check a candidate solution (an exact solution gives ~0).
+    """
+    options = _resolve(problem, dict(network=network, points=points, seed=seed, dtype=dtype, device=device,
+                                     derivatives=derivatives))
+    _check_options(options)
+    run = _Run(problem, options, None, (), False)
+    with torch.no_grad():
+        values = run.objective.terms().tolist()
+    return dict(zip(run.objective.term_names, values))
+
+
+def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None, storage=None,
+          adam: Adam | None = None, lbfgs: LBFGS | None = None, points: Points | None = None,
+          loss_weights: Mapping[str, float] | None = None, seed: int | None = None, dtype=None, device=None,
+          derivatives: str | None = None, eval_every: int | None = None, eval_points: int | None = None,
+          progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None) -> Result:
+    """Train a PINN on `problem` and return a checked `Result`.
+
+    Args (all keyword-only; None -> problem.solver_defaults, else `DEFAULTS`):
+        network: ps.Network(width, depth, activation) or your own nn.Module
+            (with `.jet(x, spec)` for derivatives="jet").
+        storage: storage policy of the built network: "exact", "checkpoint",
+            "ema", "lowrank" (default), "projection" or a policy object.
+        adam, lbfgs: ps.Adam(steps, lr, schedule), ps.LBFGS(steps); steps=0 skips a phase.
+        points: ps.Points(domain, boundary, initial, sampler, resample_every, refine).
+        loss_weights: {term: weight}; term names are in `result.config["terms"]`.
+        seed: int; the network, sampling and sketches all derive from it.
+        dtype: "float32" | "float64"; device: "cpu" | "cuda" | "auto".
+        derivatives: "jet" (forward-mode jets) | "autograd" (nested autograd).
+        eval_every: steps between evaluations against the reference (and memory metering);
+        eval_points: grid size when the reference is `exact` on the domain.
+        progress: show a tqdm bar (only on a terminal).
+        callbacks: ps.Callback objects; resume: a TrainingState.state_dict() to continue.
+
+    Raises:
+        ProblemDefinitionError (a ValueError) for inconsistent problems,
+        TrainingDivergedError (a FloatingPointError) when a loss term becomes NaN/inf.
+    """
+    given = dict(network=network, storage=storage, adam=adam, lbfgs=lbfgs, points=points,
+                 loss_weights=loss_weights, seed=seed, dtype=dtype, device=device, derivatives=derivatives,
+                 eval_every=eval_every, eval_points=eval_points)
+    options = _resolve(problem, given)
+    _check_options(options)
+    return _Run(problem, options, storage, callbacks, progress).run(resume)

@@ -1,0 +1,127 @@
+"""The lowrank policy: per-step seeds, exact low-rank streams, residual, audits, adaptation, fallback."""
+
+import pytest
+import torch
+
+from pinnsketch.nn import MLP, JetSpec, LowRankStorage
+
+from nn_helpers import rel
+
+SPEC = JetSpec(2, [(0,), (1,), (0, 0)])
+
+
+def run(model, x, steps=1):
+    """`steps` training-step evaluations (forward + backward + advance); returns the last weight grads."""
+    for _ in range(steps):
+        model.zero_grad()
+        u = model.jet(x, SPEC).streams
+        (u[2] + u[0] * u[1] - 0.05 * u[3]).pow(2).mean().backward()
+        grads = torch.cat([b.weight.grad.flatten() for b in model.blocks])
+        model.advance()
+    return grads
+
+
+@pytest.fixture
+def x():
+    return torch.rand(48, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+
+
+def test_same_step_same_test_matrices(x):
+    """L-BFGS re-evaluates the loss within one step: the gradients must agree bit for bit."""
+    model = MLP(2, 1, width=10, depth=2, dtype=torch.float64,
+                storage=LowRankStorage(rank=2, residual=None, value_residual=None, adaptive=False))
+
+    def grads():
+        model.zero_grad()
+        u = model.jet(x, SPEC).streams
+        (u ** 2).sum().backward()
+        return torch.cat([b.weight.grad.flatten() for b in model.blocks])
+
+    first, again = grads(), grads()
+    assert torch.equal(first, again)
+    model.advance()
+    assert not torch.equal(grads(), first)       # new step, new test matrices
+
+
+def test_first_hidden_block_streams_are_low_rank(x):
+    """Block 1 stores the first layer's output jet: value affine in (x, t) (rank <= 3), derivative
+    streams constant across points (rank 1), second derivatives zero: rank 3 reconstructs it exactly."""
+    exact = MLP(2, 1, width=10, depth=2, dtype=torch.float64, seed=4)
+    sketched = MLP(2, 1, width=10, depth=2, dtype=torch.float64, seed=4,
+                   storage=["exact", LowRankStorage(rank=3, residual=None, value_residual=None, adaptive=False),
+                            "exact"])
+    g_exact, g_sketch = run(exact, x), run(sketched, x)
+    w1 = slice(2 * 10, 2 * 10 + 10 * 10)              # block 1's weight in the stacked gradient
+    assert rel(g_sketch[w1], g_exact[w1]) < 1e-10
+    assert sketched.storage_report()[1]["reconstruction_error"] < 1e-10
+
+
+def test_narrow_input_block_is_stored_exactly(x):
+    model = MLP(2, 1, width=10, depth=2, storage="lowrank", dtype=torch.float64)
+    run(model, x)
+    report = model.storage_report()
+    assert report[0]["mode"] == "exact (narrow)"
+    assert report[1]["mode"] == "lowrank+int4+int8" and report[1]["rank"] >= 1
+
+
+def test_audits_calibrate_kappa(x):
+    model = MLP(2, 1, width=12, depth=3, dtype=torch.float64,
+                storage=LowRankStorage(rank=2, adaptive=True, audit_every=4, r_min=1, r_max=2))
+    run(model, x, steps=6)
+    hidden = model.storages[1:]
+    assert all(len(s.audits) >= 1 for s in hidden)
+    audit = hidden[0].audits[0]
+    assert audit["step"] == 1 and audit["grad_error"] > 0 and audit["kappa"] > 0
+    assert hidden[0].predicted_error() == pytest.approx(hidden[0].kappa * hidden[0].recon_error)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_audit_estimates_the_weight_gradient_error(activation, x):
+    """The last block receives the exact output gradient, so its audit must match its true error."""
+    width, depth = 16, 2
+    exact = run(MLP(2, 1, width=width, depth=depth, activation=activation, dtype=torch.float64, seed=2), x)
+    ratios = []
+    for seed in range(3):
+        policy = LowRankStorage(rank=2, adaptive=True, r_min=1, residual="int4", value_residual="int4",
+                                audit_every=1, audit_size=32)
+        model = MLP(2, 1, width=width, depth=depth, activation=activation, dtype=torch.float64, seed=2,
+                    storage=policy)
+        model.storages[-1].seed = seed            # other test matrices, same weights
+        for _ in range(depth + 1):                # bootstrap: block `depth` is audited at step `depth`
+            grads = run(model, x)
+        last = model.storages[-1]
+        true = rel(grads[-width:], exact[-width:])
+        ratios.append(last.audits[-1]["grad_error"] / true)
+    assert 0.6 < sum(ratios) / len(ratios) < 1.6, ratios
+
+
+def test_tight_target_escalates_then_falls_back_to_exact(x):
+    exact = run(MLP(2, 1, width=12, depth=3, dtype=torch.float64, seed=1), x)
+    policy = LowRankStorage(target=1e-12, initial_rank=1, r_min=1, r_max=2, audit_every=1)
+    model = MLP(2, 1, width=12, depth=3, dtype=torch.float64, seed=1, storage=policy)
+    run(model, x, steps=12)
+    events = [e["event"] for e in model.storages[2].events]
+    assert events[0] == "bits_up" and "fallback_exact" in events
+    assert model.storages[2].bits == 8 and model.storages[2].exact
+    grads = run(model, x)
+    assert model.storage_report()[2]["mode"] == "exact (fallback)"
+    assert rel(grads, exact) < 1e-12        # weights never changed: every block exact again
+
+
+def test_loose_target_shrinks_rank(x):
+    policy = LowRankStorage(target=10.0, initial_rank=6, r_min=1, r_max=8, audit_every=1)
+    model = MLP(2, 1, width=12, depth=2, dtype=torch.float64, storage=policy)
+    run(model, x, steps=12)
+    assert model.storages[1].rank < 6
+    assert any(h["reason"] == "shrink" for h in model.storages[1]._controller.history)
+
+
+def test_state_dict_round_trip(x):
+    kwargs = dict(width=12, depth=3, dtype=torch.float64, storage=LowRankStorage(audit_every=2), seed=3)
+    model = MLP(2, 1, **kwargs)
+    run(model, x, steps=4)
+    clone = MLP(2, 1, **kwargs)
+    clone.load_state_dict(model.state_dict())
+    assert [s.step for s in clone.storages] == [s.step for s in model.storages]
+    assert [s.kappa for s in clone.storages] == [s.kappa for s in model.storages]
+    assert torch.equal(run(clone, x), run(model, x))
