@@ -73,7 +73,9 @@ def add_run_file_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the interrupted run in FILE from its last checkpoint; give the same "
                              "problem and options as the original run")
     parser.add_argument("--monitor-rank", type=int, default=None, metavar="R",
-                        help="also record each layer's gradient history in --out, sketched at rank R")
+                        help="also record each layer's gradient history in --out, compressed to rank R")
+    parser.add_argument("--monitor-method", default="three_sketch", choices=("three_sketch", "isvd"),
+                        help="how --monitor-rank compresses the history (default three_sketch)")
 
 
 def run_file_callbacks(args: argparse.Namespace, *, total_steps: int) -> tuple[list, dict | None]:
@@ -95,5 +97,6 @@ def run_file_callbacks(args: argparse.Namespace, *, total_steps: int) -> tuple[l
     monitor = None
     if args.monitor_rank is not None:
         # One sketch window over the whole run: memory stays constant in the number of steps.
-        monitor = GradientMonitor(rank=args.monitor_rank, window=max(int(total_steps), 1))
+        monitor = GradientMonitor(rank=args.monitor_rank, window=max(int(total_steps), 1),
+                                  method=getattr(args, "monitor_method", "three_sketch"))
     return [RunWriter(out, checkpoint_every=args.checkpoint_every, monitor=monitor)], None

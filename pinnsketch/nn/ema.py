@@ -35,6 +35,7 @@ NOTE [several calls per step]
 
 from __future__ import annotations
 
+import ast
 import copy
 import math
 
@@ -165,7 +166,8 @@ class EMAStorage(AbstractStorage):
         mat = a.reshape(s * n, w)
         shape = (s * n, w)
         if self._controller is None:
-            self._controller = self._make_controller(min(shape))
+            self._limit = min(shape)
+            self._controller = self._make_controller(self._limit)
             self._reset("first step")
         key = self._slot_key(shape)
         committed = self._slots.get(key)
@@ -198,6 +200,11 @@ class EMAStorage(AbstractStorage):
         g = grad_z.reshape(-1, grad_z.shape[-1])                      # (S*N, out)
         return stored.payload["factors"].rmatmul(g.mT)                 # G^T A_hat, (out, w)
 
+    @property
+    def history(self) -> list[dict]:
+        ranks = [] if self._controller is None else [{**h, "event": h["reason"]} for h in self._controller.history]
+        return sorted([{**r, "event": "reset"} for r in self.resets] + ranks, key=lambda e: e["step"])
+
     def report(self):
         return {**super().report(), "beta": self.beta, "resets": len(self.resets), "slots": len(self._slots)}
 
@@ -205,8 +212,10 @@ class EMAStorage(AbstractStorage):
         state = super().get_extra_state()
         state["ema"] = {
             "generation": self._generation, "resets": list(self.resets), "error": self.error,
-            "controller": self._controller,
-            "slots": {key: {name: getattr(sk, name).clone() for name in ("Y", "X", "Z", "W")}
+            # plain values, so any HDF5/JSON writer can store the controller
+            "controller": None if self._controller is None else {"limit": self._limit, **self._controller.state_dict()},
+            # call-site keys are tuples; stored as their repr so run files can hold them
+            "slots": {repr(key): {name: getattr(sk, name).clone() for name in ("Y", "X", "Z", "W")}
                       for key, sk in self._slots.items()},
         }
         return state
@@ -215,9 +224,14 @@ class EMAStorage(AbstractStorage):
         super().set_extra_state(state)
         ema = copy.deepcopy(state["ema"])            # never share controllers between models
         self._generation, self.resets, self.error = ema["generation"], ema["resets"], ema["error"]
-        self._controller = ema["controller"]
+        ctrl, self._controller = ema["controller"], None
+        if ctrl is not None:
+            self._limit = ctrl.pop("limit")
+            self._controller = self._make_controller(self._limit)
+            self._controller.load_state_dict(ctrl)
         self._slots, self._pending, self._occurrence, self._first_shape = {}, {}, {}, None
         for key, buffers in ema["slots"].items():
+            key = ast.literal_eval(key) if isinstance(key, str) else key
             sketch = self._new_sketch(key, buffers["Y"].dtype, buffers["Y"].device)
             for name, value in buffers.items():
                 getattr(sketch, name).copy_(value)

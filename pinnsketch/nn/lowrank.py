@@ -14,8 +14,8 @@ jet stream separately (value, u_x, u_t, u_xx, ...):
    (kept in bfloat16 when a residual follows: the residual absorbs the
    rounding) and P (w, r);
 2. the **residual** z_prev - U P^T, quantized with one scale per point
-   (`codecs.IntCodec`): int8 for the value stream, int4 for the derivative
-   streams by default. This bounds the error where low rank alone cannot:
+   (`codecs.IntCodec`): int4 by default, int8 for the value stream of a jet
+   through a smooth activation (see below). This bounds the error where low rank alone cannot:
    |error| <= max|residual row| / 254 (int8) or / 14 (int4);
 3. the reconstruction z_hat = U P^T + residual_hat feeds both the weight
    gradient and the nonlinearity's derivative path.
@@ -103,8 +103,9 @@ class LowRankStorage(AbstractStorage):
         target: relative weight-gradient error to hold (> 0).
         rank: fixed rank (no rank adaptation), or None (adaptive from `initial_rank`).
         residual: codes of the derivative streams' residual: "int4" | "int8" | None.
-        value_residual: codes of the value stream's residual: "int8" | "int4" | None
-            (None: the pure sketch, for tests and ablations; must not be coarser than needed).
+        value_residual: codes of the value stream's residual when the block carries derivative
+            streams through a smooth activation: "int8" | "int4" | None (None with residual=None:
+            the pure sketch, for tests and ablations). Otherwise the value stream uses `residual`.
         adaptive: adapt rank/bits/fallback to `target` (False: keep what is given).
         initial_rank, r_min, r_max: rank bounds (each clamped to min(N, w)).
         operator: test operators of the sketch ("gaussian" | "sparse" | "srft").
@@ -180,14 +181,17 @@ class LowRankStorage(AbstractStorage):
             return self.step == self.layer
         return self.step % self.audit_every == 0 and (self.step // self.audit_every) % self.n_layers == self.layer
 
-    def _codec(self, stream: int) -> IntCodec | None:
-        bits = self.value_bits if stream == 0 else self.bits
+    def _codec(self, stream: int, streams: int = 1, smooth: bool = True) -> IntCodec | None:
+        # The value stream's finer codes protect the derivative path of a jet through a smooth
+        # activation (f'' and f''' of z_0 multiply the large derivative streams); without
+        # derivative streams, or through ReLU (exact mask), it is coded like the others.
+        bits = self.value_bits if stream == 0 and streams > 1 and smooth else self.bits
         return None if bits is None else IntCodec(bits, self.group)
 
     def _compressed_bytes(self, s: int, n: int, w: int, r: int, dtype: torch.dtype) -> int:
         total = 0
         for i in range(s):
-            codec = self._codec(i)
+            codec = self._codec(i, s)
             u_bytes = 2 if codec is not None and dtype == torch.float32 else torch.finfo(dtype).bits // 8
             total += n * r * u_bytes + w * r * torch.finfo(dtype).bits // 8
             total += 0 if codec is None else codec.nbytes((n, w), dtype)
@@ -213,7 +217,7 @@ class LowRankStorage(AbstractStorage):
         if self.exact and not audit:
             self._note({"rank": None, "mode": "exact (fallback)", "saved_bytes": stored_bytes([z_prev])})
             return (z_prev,), ("exact",)
-        codecs = tuple(self._codec(i) for i in range(s))
+        codecs = tuple(self._codec(i, s, not block.piecewise_linear) for i in range(s))
         parts, errors, sketch_errors = [], [], []
         for i in range(s):
             stream_parts, err, sk_err = self._compress(z_prev[i], r, codecs[i], i)
@@ -371,6 +375,11 @@ class LowRankStorage(AbstractStorage):
             self.recon_error = self.recon_error * 16.0
             self._event("bits_down", predicted=predicted)
 
+    @property
+    def history(self) -> list[dict]:
+        ranks = [] if self._controller is None else [{**h, "event": h["reason"]} for h in self._controller.history]
+        return sorted(self.events + ranks, key=lambda e: e["step"])
+
     def report(self):
         return {**super().report(), "target": self.target, "bits": self.bits, "value_bits": self.value_bits,
                 "kappa": self.kappa, "predicted_grad_error": self.predicted_error(), "exact_fallback": self.exact,
@@ -381,13 +390,22 @@ class LowRankStorage(AbstractStorage):
 
     def get_extra_state(self):
         state = super().get_extra_state()
-        state["lowrank"] = {k: getattr(self, k) for k in self._STATE}
+        state["lowrank"] = {k: getattr(self, k) for k in self._STATE if k != "_controller"}
+        # the controller is saved as plain values so any HDF5/JSON writer can store it
+        ctrl = self._controller
+        state["lowrank"]["_controller"] = None if ctrl is None else ctrl.state_dict()
         return state
 
     def set_extra_state(self, state):
         super().set_extra_state(state)
-        for k, v in copy.deepcopy(state["lowrank"]).items():     # never share controllers between models
+        saved = copy.deepcopy(state["lowrank"])                   # never share state between models
+        ctrl = saved.pop("_controller")
+        for k, v in saved.items():
             setattr(self, k, v)
+        self._controller = None
+        if ctrl is not None:
+            self._controller = self._controller_for(self._limit, rank=ctrl["rank"])
+            self._controller.load_state_dict(ctrl)
 
 
 def _rows_fn(parts, codecs, w: int):

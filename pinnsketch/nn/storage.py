@@ -134,6 +134,11 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         if self._noted_step != self.step or info.get("saved_bytes", 0) >= self.last.get("saved_bytes", 0):
             self.last, self._noted_step = info, self.step
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Decisions over training (rank changes, resets, fallbacks), one dict each with a "step" key."""
+        return []
+
     def report(self) -> dict[str, Any]:
         """Per-layer summary for `storage_report()`."""
         return {"layer": self.layer, "storage": self.name, "rank": None, "error_estimate": None,

@@ -37,7 +37,7 @@ def _run_and_kill(path: Path, mode: str, min_step: int) -> int:
         proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=str(HERE), path=str(path), mode=mode)],
                                 stderr=err)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600          # generous: only a hung writer reaches it
         while time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
             try:

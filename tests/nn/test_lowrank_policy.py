@@ -125,3 +125,13 @@ def test_state_dict_round_trip(x):
     assert [s.step for s in clone.storages] == [s.step for s in model.storages]
     assert [s.kappa for s in clone.storages] == [s.kappa for s in model.storages]
     assert torch.equal(run(clone, x), run(model, x))
+
+
+def test_history_records_rank_changes_and_events(x):
+    policy = LowRankStorage(target=1e-12, initial_rank=1, r_min=1, r_max=2, audit_every=1)
+    model = MLP(2, 1, width=12, depth=3, dtype=torch.float64, seed=1, storage=policy)
+    run(model, x, steps=12)
+    history = model.storages[2].history
+    kinds = [h["event"] for h in history]
+    assert any("grow" in k for k in kinds) and "bits_up" in kinds and "fallback_exact" in kinds
+    assert [h["step"] for h in history] == sorted(h["step"] for h in history)

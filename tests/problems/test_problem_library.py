@@ -144,7 +144,7 @@ def test_problem_constructs_and_evaluates(name):
     problem = problems.get(name)
     assert problem.name == name
     layout = Layout.of(problem)
-    assert isinstance(problem.tolerance, float) and 0 < problem.tolerance < 0.1
+    assert isinstance(problem.tolerance, float) and 0 < problem.tolerance <= 0.1
     net = MLP(layout.dim, len(layout.output_names), width=8, depth=2, storage="exact")
     x = torch.as_tensor(layout.domain.sample_domain(32, "random", _generator()), dtype=torch.float32)
     jet = net.jet(x, _spec(layout.dim))
