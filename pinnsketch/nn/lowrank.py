@@ -15,8 +15,8 @@ jet stream separately (value, u_x, u_t, u_xx, ...):
    rounding) and P (w, r);
 2. the **residual** z_prev - U P^T, quantized with one scale per point
    (`codecs.IntCodec`): int4 by default, int8 for the value stream of a jet
-   through a smooth activation (see below). This bounds the error where low rank alone cannot:
-   |error| <= max|residual row| / 254 (int8) or / 14 (int4);
+   through a smooth activation (see below). This bounds the error where low
+   rank alone cannot: |error| <= max|residual row| / 254 (int8) or / 14 (int4);
 3. the reconstruction z_hat = U P^T + residual_hat feeds both the weight
    gradient and the nonlinearity's derivative path.
 
