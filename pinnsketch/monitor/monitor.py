@@ -78,9 +78,9 @@ class GradientMonitor:
         sizing: "default" (k = 2r + 1, s = 2k + 1) or "tropp" (k = 4r + 1).
         operator: test operator of the three-sketch: "gaussian" | "sparse" | "srft".
         error_size: q, rows of the error sketch (per-step error estimates need q >= 1).
-        normalize: sketch g_t / ||g_t|| and rescale by the stored exact norm, so every
-            step weighs equally in the low-rank fit (otherwise large early gradients
-            dominate it). The reconstruction stays linear in the sketches.
+        normalize: track g_t / ||g_t|| and rescale by the stored exact norm (default), so every
+            step weighs equally in the low-rank fit; otherwise the large early gradients
+            dominate it and the small late ones are reconstructed poorly.
         seed: seeds every test matrix (window w, layer l: ``derive_seed(seed, "window", w, "layer", l)``).
         dtype: dtype of the sketches (float32 or float64).
 
@@ -90,7 +90,7 @@ class GradientMonitor:
 
     def __init__(self, params=None, *, rank: int = 4, window: int = 1000, method: str = "three_sketch",
                  k: int | None = None, s: int | None = None, sizing: str = "default", operator: str = "gaussian",
-                 error_size: int = 10, normalize: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
+                 error_size: int = 10, normalize: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, METHODS))}")
         if method == "isvd" and (k is not None or s is not None):
@@ -113,8 +113,8 @@ class GradientMonitor:
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {normalize!r}")
         self._config = {"rank": rank, "window": window, "method": method, "k": k, "s": s, "sizing": sizing,
-                        "operator": operator,
-                        "error_size": error_size, "normalize": normalize, "seed": seed, "dtype": str(dtype)}
+                        "operator": operator, "error_size": error_size, "normalize": normalize, "seed": seed,
+                        "dtype": str(dtype)}
         self._dtype = dtype
         self._names: list[str] = []
         self._sizes: list[int] = []
