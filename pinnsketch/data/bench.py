@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..nn import STORAGES
-from .classify import make_classifier, train_classifier
+from .classify import MINIBATCH_OPTIONS, make_classifier, train_classifier
 from .loaders import DATASETS, load_dataset
 
 __all__ = ["BENCH_DEFAULTS", "DEFAULT_STORAGES", "parse_storage", "run_bench", "format_table",
@@ -56,7 +56,9 @@ def parse_storage(spec):
 
     Values are read as int, float, true/false, none, else strings; keys are the policy
     constructor's keyword arguments, e.g. "lowrank:rank=8,adaptive=false,residual=int4"
-    or "ema:beta=0.99,rank=16". A name alone is returned unchanged; policy objects pass through.
+    or "ema:beta=0.99,rank=16". A name alone is returned unchanged (`make_classifier` builds
+    it); policy objects pass through. Options not given take the classifier's mini-batch
+    defaults (`MINIBATCH_OPTIONS`; "lowrank:noise_fraction=none" turns lowrank's off).
     """
     if not isinstance(spec, str) or ":" not in spec:
         if isinstance(spec, str) and spec not in STORAGES:
@@ -72,6 +74,7 @@ def parse_storage(spec):
         if not eq or not key.isidentifier():
             raise ValueError(f"storage option {item!r} in {spec!r} is not KEY=VALUE; write e.g. {name}:rank=8")
         kwargs[key] = _parse_value(value)
+    kwargs = {**MINIBATCH_OPTIONS.get(name, {}), **kwargs}      # the classifier's mini-batch defaults
     try:
         return STORAGES[name](**kwargs)
     except TypeError as err:

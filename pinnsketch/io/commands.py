@@ -76,6 +76,10 @@ def add_run_file_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also record each layer's gradient history in --out, compressed to rank R")
     parser.add_argument("--monitor-method", default="three_sketch", choices=("three_sketch", "isvd"),
                         help="how --monitor-rank compresses the history (default three_sketch)")
+    parser.add_argument("--monitor-step-sketch", type=int, default=0, metavar="M",
+                        help="with --monitor-rank, also keep an M-row sketch of every step's gradient per layer "
+                             "(norms, cosines, inner products of any steps to about 1/sqrt(M); memory grows as "
+                             "steps x M per layer; default 0 = none)")
 
 
 def run_file_callbacks(args: argparse.Namespace, *, total_steps: int) -> tuple[list, dict | None]:
@@ -98,5 +102,6 @@ def run_file_callbacks(args: argparse.Namespace, *, total_steps: int) -> tuple[l
     if args.monitor_rank is not None:
         # One sketch window over the whole run: memory stays constant in the number of steps.
         monitor = GradientMonitor(rank=args.monitor_rank, window=max(int(total_steps), 1),
-                                  method=getattr(args, "monitor_method", "three_sketch"))
+                                  method=getattr(args, "monitor_method", "three_sketch"),
+                                  step_sketch=getattr(args, "monitor_step_sketch", 0) or 0)
     return [RunWriter(out, checkpoint_every=args.checkpoint_every, monitor=monitor)], None

@@ -10,8 +10,9 @@ Atomicity (HDF5 files cannot be appended to atomically in place):
   holds a complete, readable file: the one of the last commit.
 
 A process killed mid-run therefore leaves ``<path>`` at its last checkpoint
-(plus a possibly inconsistent ``<path>.partial``, which the next writer
-replaces); resuming continues from that checkpoint.
+(plus a possibly inconsistent ``<path>.partial`` and, killed during a commit,
+a temporary ``.<name>.*.tmp``; the next writer of ``<path>`` replaces the one
+and removes the other); resuming continues from that checkpoint.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class RunFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A fresh inode for the live file: a writer that died without closing may still hold the old one.
         self.live.unlink(missing_ok=True)
+        self._remove_stale_temporaries()
         if resume:
             shutil.copyfile(self.path, self.live)
             self._file = h5py.File(self.live, "r+")
@@ -60,6 +62,16 @@ class RunFile:
             for name in GROUPS[:4]:
                 self._file.create_group(name)
         self._open_tables()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete commit temporaries of ``path`` left by a writer killed mid-commit (one writer per path)."""
+        prefix, suffix = f".{self.path.name}.", ".tmp"
+        for name in os.listdir(self.path.parent):
+            if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+                try:
+                    (self.path.parent / name).unlink()
+                except OSError:
+                    pass
 
     # -- tables ------------------------------------------------------------------------
     def _open_tables(self) -> None:

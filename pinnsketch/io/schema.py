@@ -137,7 +137,8 @@ def write_monitor_sketches(group: h5py.Group, monitor, compression: str | None) 
     sketches.attrs["description"] = ("per window w and layer, of the (params x steps) gradient history G: "
                                      "three_sketch: Y = G Omega^T, X = Upsilon G, Z = Phi G Psi^T; isvd: "
                                      "G ~ V diag(S) U^T (filled = rank in use, count = columns); both: "
-                                     "error sketch W = Theta G")
+                                     "error sketch W = Theta G; with a step sketch: step_sketch (window x m), "
+                                     "row t = Omega g_t")
     for w, window in enumerate(state["windows"]):
         wg = sketches.create_group(f"window_{w:05d}")
         for name, tensors in zip(names, window):

@@ -1,6 +1,6 @@
 """pinnsketch.monitor: exact per-layer gradient norms and a sketched gradient history."""
 
-from .monitor import METHODS, Estimate, GradientMonitor, Subspace
+from .monitor import METHODS, SOURCES, Estimate, GradientMonitor, Subspace
 from .trajectory import IncrementalSVD, TrajectorySketch
 
-__all__ = ["GradientMonitor", "Estimate", "Subspace", "METHODS", "TrajectorySketch", "IncrementalSVD"]
+__all__ = ["GradientMonitor", "Estimate", "Subspace", "METHODS", "SOURCES", "TrajectorySketch", "IncrementalSVD"]

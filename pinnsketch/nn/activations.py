@@ -1,9 +1,11 @@
-"""Elementwise activations with their derivatives up to fourth order.
+"""Elementwise activations with their derivatives up to fifth order.
 
 Forward-mode derivative jets (`pinnsketch.nn.jet`) push a function through
 Faa di Bruno's formula, which needs f, f', ..., f^(k) at the same points.
 Each activation computes that list in one pass, sharing work (tanh computes
 tanh(z) once and expresses every derivative as a polynomial in it).
+Jets carry derivatives up to fourth order; the fifth derivative serves the
+hand-written backward of a fourth-order jet (`pinnsketch.nn.jet.compose_vjp`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import torch
 
 __all__ = ["Activation", "Tanh", "Sine", "ReLU", "GELU", "Identity", "get_activation", "ACTIVATIONS"]
 
-MAX_ORDER = 4
+MAX_ORDER = 5
 
 
 class Activation(abc.ABC):
-    """An elementwise function f with derivatives f', ..., f^(4)."""
+    """An elementwise function f with derivatives f', ..., f^(5).
+
+    A subclass that provides fewer derivatives still works: the fused blocks
+    then fall back to autograd for the backward of the highest jet order.
+    """
 
     name: str
 
@@ -31,7 +37,7 @@ class Activation(abc.ABC):
         """[f(z), f'(z), ..., f^(order)(z)], each shaped like z."""
 
     def derivatives(self, z: torch.Tensor, order: int) -> list[torch.Tensor]:
-        """Return [f(z), f'(z), ..., f^(order)(z)]; `order` in 0..4."""
+        """Return [f(z), f'(z), ..., f^(order)(z)]; `order` in 0..5."""
         if not 0 <= order <= MAX_ORDER:
             raise ValueError(
                 f"derivative order={order} is not supported by activation {self.name!r}; "
@@ -43,21 +49,35 @@ class Activation(abc.ABC):
         return f"{type(self).__name__}()"
 
 
+def _tanh(z: torch.Tensor) -> torch.Tensor:
+    """tanh(z). On the CPU through expm1 (e / (e + 2), e = expm1(2z)): within 2 ulps of
+    torch.tanh, relative accuracy kept near 0, and about twice as fast there; elsewhere torch.tanh."""
+    if z.device.type != "cpu" or not z.is_floating_point():
+        return torch.tanh(z)
+    e = torch.expm1(torch.clamp(z, -20.0, 20.0).mul_(2))  # tanh(+-20) rounds to +-1 in float64
+    return e / (e + 2)
+
+
 class Tanh(Activation):
     name = "tanh"
 
     def _derivatives(self, z, order):
-        t = torch.tanh(z)
+        t = _tanh(z)
         if order == 0:
             return [t]
-        s = 1 - t * t  # tanh' = 1 - tanh^2; higher derivatives are polynomials in t
+        # every derivative is a polynomial in s = tanh' = 1 - t^2 (times t for the even ones);
+        # addcmul against 0-dim constants keeps each one to one or two passes over the tensor
+        one = t.new_ones(())
+        s = torch.addcmul(one, t, t, value=-1)
         out = [t, s]
         if order >= 2:
-            out.append(-2 * t * s)
+            out.append(torch.addcmul(one.new_zeros(()), t, s, value=-2))           # -2 t s
         if order >= 3:
-            out.append(s * (6 * t * t - 2))
+            out.append(torch.addcmul(s * 4, s, s, value=-6))                         # s (4 - 6 s)
         if order >= 4:
-            out.append(8 * t * s * (2 - 3 * t * t))
+            out.append(torch.mul(s, -12).add_(4).mul_(out[2]))                      # 8 t s (3 s - 1)
+        if order >= 5:
+            out.append(torch.addcmul(s * -120, s, s, value=120).add_(16).mul_(s))   # 8 s (2 - 15 s + 15 s^2)
         return out
 
 
@@ -69,7 +89,7 @@ class Sine(Activation):
         if order == 0:
             return [s]
         c = torch.cos(z)
-        return [s, c, -s, -c, s][: order + 1]
+        return [s, c, -s, -c, s, c][: order + 1]
 
 
 class ReLU(Activation):
@@ -105,6 +125,8 @@ class GELU(Activation):
             out.append(pdf * z * (z2 - 4))
         if order >= 4:
             out.append(pdf * (-z2 * z2 + 7 * z2 - 4))
+        if order >= 5:
+            out.append(pdf * z * (z2 * z2 - 11 * z2 + 18))
         return out
 
 

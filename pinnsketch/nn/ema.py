@@ -72,6 +72,15 @@ class EMAStorage(AbstractStorage):
     `resets`. The first update of a slot initializes it with the current
     activation (no zero-start bias).
 
+    Hysteresis: right after a reset the sketches hold one activation, not an
+    average, and their error is lower than the settled EMA's; a controller that
+    shrank on it flapped (measured on Burgers, beta = 0.9: rank 4 -> 8 -> 4 every
+    4 steps, each change wiping the average). So the rank may only grow during
+    the `settle` = ceil(1 / (1 - beta)) steps (the EMA's time constant) after a
+    reset, and a rank change that undoes the previous one within 4 settle + 3
+    steps (a flap) blocks shrinking for a cooldown that starts at 8 settle steps
+    and doubles at every flap.
+
     Args:
         beta: EMA decay in [0, 1) (0: sketch of the current activation only).
         rank: fixed rank, or None for adaptive (starting at `initial_rank`).
@@ -107,6 +116,10 @@ class EMAStorage(AbstractStorage):
         self._step_error: float | None = None
         self.resets: list[dict] = []
         self.error: float | None = None
+        self.settle = max(1, math.ceil(1.0 / (1.0 - self.beta) - 1e-9))
+        self._last_change: tuple[int, int] | None = None     # (step, rank before the change)
+        self._no_shrink_until = 0
+        self._cooldown = 8 * self.settle
 
     @property
     def rank(self) -> int | None:
@@ -154,10 +167,24 @@ class EMAStorage(AbstractStorage):
         self._first_shape = None
         self.error, self._step_error = self._step_error, None
         if self._controller is not None and self.error is not None and math.isfinite(self.error):
-            old = self._controller.rank
-            if self._controller.propose(self.error, self.step) != old:
+            old, error = self._controller.rank, self.error
+            if isinstance(self._controller, AdaptiveRank) and self._shrink_blocked():
+                error = max(error, 0.5 * self.target)      # hold: cannot count toward a shrink
+            new = self._controller.propose(error, self.step)
+            if new != old:
+                last = self._last_change
+                if last is not None and new == last[1] and self.step - last[0] <= 4 * self.settle + 3:
+                    # a change that undoes the previous one (a shrink that had to be grown back, or
+                    # a grow the settled average shrank again): back off from shrinking
+                    self._no_shrink_until = self.step + self._cooldown
+                    self._cooldown *= 2
+                self._last_change = (self.step, old)
                 self._reset("rank change")
         super().advance()
+
+    def _shrink_blocked(self) -> bool:
+        since_reset = self.step - self.resets[-1]["step"] if self.resets else self.step
+        return since_reset < self.settle or self.step < self._no_shrink_until
 
     # -- storage --------------------------------------------------------------------
     def pack(self, z_prev, a, block):
@@ -212,6 +239,9 @@ class EMAStorage(AbstractStorage):
         state = super().get_extra_state()
         state["ema"] = {
             "generation": self._generation, "resets": list(self.resets), "error": self.error,
+            "hysteresis": {"last_change": None if self._last_change is None else list(self._last_change),
+                           "no_shrink_until": self._no_shrink_until,
+                           "cooldown": self._cooldown},
             # plain values, so any HDF5/JSON writer can store the controller
             "controller": None if self._controller is None else {"limit": self._limit, **self._controller.state_dict()},
             # call-site keys are tuples; stored as their repr so run files can hold them
@@ -224,6 +254,10 @@ class EMAStorage(AbstractStorage):
         super().set_extra_state(state)
         ema = copy.deepcopy(state["ema"])            # never share controllers between models
         self._generation, self.resets, self.error = ema["generation"], ema["resets"], ema["error"]
+        hyst = ema.get("hysteresis") or {}
+        self._last_change = tuple(hyst["last_change"]) if hyst.get("last_change") is not None else None
+        self._no_shrink_until = hyst.get("no_shrink_until", 0)
+        self._cooldown = hyst.get("cooldown", 8 * self.settle)
         ctrl, self._controller = ema["controller"], None
         if ctrl is not None:
             self._limit = ctrl.pop("limit")

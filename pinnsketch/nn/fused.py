@@ -27,12 +27,14 @@ NOTE [storage]
     ranks, flags; `ema` also references its persistent sketch object, whose
     tensors it saves through ``save_for_backward`` as well).
     Backward, one block at a time, and within a block chunk by chunk over the
-    points (`chunk_elements`), so that reconstructions and recomputations are
-    a transient of one chunk, never of a whole layer:
+    points (`chunk_elements`, default 2**20 elements: a small layer is one chunk),
+    so that reconstructions and recomputations are a transient of one chunk,
+    never of a whole layer:
       * grad_a = g W                       exact (no activation needed);
       * z_hat  = policy.unpack(...).rows(chunk)   exact or approximate, per policy;
-      * a_hat  = act(z_hat), recomputed under enable_grad on a detached copy,
-        and grad_z_prev = vjp of that map at grad_a: exact iff z_hat is exact
+      * f(z_hat_0), ..., f^(K+1)(z_hat_0), then a_hat = act(z_hat) and
+        grad_z_prev = J_act(z_hat)^T grad_a by the hand-written Faa di Bruno
+        vjp (`jet.compose_vjp`, no autograd graph): exact iff z_hat is exact
         (always exact for ReLU and identity, see above);
       * grad_W = sum over chunks of g^T a_hat (`policy.weight_grad_chunk`), exact
         iff z_hat is exact, or the policy's own estimate (`policy.weight_grad`:
@@ -48,9 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .activations import Activation, Identity, ReLU, get_activation
+from .activations import MAX_ORDER, Activation, Identity, ReLU, get_activation
 from .codecs import pack_mask, unpack_mask
-from .jet import Jet, JetSpec
+from .jet import JetSpec, compose_streams, compose_vjp
 from .storage import AbstractStorage
 
 __all__ = ["BlockCall", "FusedDense", "DenseBlock", "activation_jet"]
@@ -62,7 +64,15 @@ def activation_jet(z: torch.Tensor, activation: Activation, spec: JetSpec) -> to
         return z
     if spec.order == 0:
         return activation(z)
-    return Jet(z, spec).map(activation).streams
+    return compose_streams(z, activation.derivatives(z[0], spec.order), spec)
+
+
+def _derivatives_for_vjp(activation: Activation, z0: torch.Tensor, order: int) -> list[torch.Tensor] | None:
+    """[f, ..., f^(order+1)] at z0 for the hand-written vjp, or None when the activation stops short."""
+    if order + 1 > MAX_ORDER:
+        return None
+    derivs = activation.derivatives(z0, order + 1)
+    return derivs if len(derivs) == order + 2 else None
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class BlockCall:
     activation: Activation
     spec: JetSpec
     storage: AbstractStorage
-    chunk_elements: int = 2**16
+    chunk_elements: int = 2**20
 
     @property
     def piecewise_linear(self) -> bool:
@@ -89,9 +99,7 @@ class FusedDense(torch.autograd.Function):
     def forward(ctx, z_prev: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 call: BlockCall) -> torch.Tensor:
         a = call.jet(z_prev)
-        z = a @ weight.mT
-        if bias is not None:
-            z[0] += bias
+        z = _linear(a, weight, bias)
         saved, meta = call.storage.pack(z_prev, a, call)
         del a
         mask = ()
@@ -118,17 +126,22 @@ class FusedDense(torch.autograd.Function):
         if need_w:
             grad_w = storage.weight_grad(grad_z, stored, call)        # None: accumulate over chunks
         chunked_w = need_w and grad_w is None
-        if need_z:
+        chunks = _chunks(n, s * max(weight.shape), call.chunk_elements)
+        whole = len(chunks) == 1
+        if need_z and not whole:
             grad_z_prev = grad_z.new_empty(s, n, weight.shape[1])
         if need_z or chunked_w:
             mask = None if packed_mask is None else unpack_mask(packed_mask, ctx.mask_shape)
-            for rows in _chunks(n, s * max(weight.shape), call.chunk_elements):
-                g = grad_z[:, rows]
-                grad_a = g @ weight if need_z else None
+            for rows in chunks:
+                g = grad_z if whole else grad_z[:, rows]
+                grad_a = (g.reshape(-1, g.shape[-1]) @ weight).view(s, -1, weight.shape[1]) if need_z else None
                 a_hat, g_prev = _activation_vjp(call, stored.rows(rows), None if mask is None else mask[rows],
                                                 grad_a, need_a=chunked_w)
                 if need_z:
-                    grad_z_prev[:, rows] = g_prev
+                    if whole:
+                        grad_z_prev = g_prev
+                    else:
+                        grad_z_prev[:, rows] = g_prev
                 if chunked_w:
                     part = storage.weight_grad_chunk(g, a_hat, stored, rows, call)
                     grad_w = part if grad_w is None else grad_w.add_(part)
@@ -139,11 +152,21 @@ class FusedDense(torch.autograd.Function):
         return grad_z_prev, grad_w, grad_b, None
 
 
-def _chunks(n: int, row_elements: int, chunk_elements: int):
-    """Row slices of about `chunk_elements` elements, and at most 1/8 of the rows (at least 64):
-    the backward transient is one chunk, not one layer."""
+def _linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a (S, N, in) -> a W^T + b (S, N, out), the bias on stream 0 only; one matmul for all streams."""
+    s, n, w_in = a.shape
+    z = (a.reshape(s * n, w_in) @ weight.mT).view(s, n, weight.shape[0])
+    if bias is not None:
+        z[0] += bias
+    return z
+
+
+def _chunks(n: int, row_elements: int, chunk_elements: int) -> list[slice]:
+    """Row slices of about `chunk_elements` elements each: the backward transient is one chunk,
+    not one layer. [slice(None)] when all `n` rows fit in one chunk (a small layer)."""
     step = max(1, chunk_elements // max(1, row_elements))
-    step = min(step, max(64, -(-n // 8)))
+    if step >= n:
+        return [slice(None)]
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -161,11 +184,16 @@ def _activation_vjp(call: BlockCall, z: torch.Tensor | None, mask: torch.Tensor 
         return (None if z is None or not need_a else z * mask), (None if grad_a is None else grad_a * mask)
     if grad_a is None:
         return (call.jet(z) if need_a else None), None
-    with torch.enable_grad():
-        z_leaf = z.detach().requires_grad_(True)
-        a = call.jet(z_leaf)
-        (grad_z,) = torch.autograd.grad(a, z_leaf, grad_a)
-    return (a.detach() if need_a else None), grad_z
+    spec = call.spec
+    derivs = _derivatives_for_vjp(act, z[0], spec.order)
+    if derivs is None:  # an activation without f^(order+1): differentiate the jet map by autograd
+        with torch.enable_grad():
+            z_leaf = z.detach().requires_grad_(True)
+            a = call.jet(z_leaf)
+            (grad_z,) = torch.autograd.grad(a, z_leaf, grad_a)
+        return (a.detach() if need_a else None), grad_z
+    a = compose_streams(z, derivs, spec) if need_a else None
+    return a, compose_vjp(z, derivs, grad_a, spec, overwrite=True)  # grad_a is this chunk's own
 
 
 class DenseBlock(torch.nn.Module):
@@ -185,7 +213,7 @@ class DenseBlock(torch.nn.Module):
 
     def __init__(self, in_features: int, out_features: int, activation: str | Activation,
                  storage: AbstractStorage, *, init: str = "xavier", generator: torch.Generator | None = None,
-                 chunk_elements: int = 2**16, dtype: torch.dtype | None = None,
+                 chunk_elements: int = 2**20, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -217,9 +245,7 @@ class DenseBlock(torch.nn.Module):
         if not torch.is_grad_enabled():
             # No backward will run (evaluation, prediction): skip the storage policy, whose
             # pack() updates persistent state (ema sketches, rank statistics) and costs a sketch.
-            z = activation_jet(z_prev, self.activation, spec) @ self.weight.mT
-            z[0] += self.bias
-            return z
+            return _linear(activation_jet(z_prev, self.activation, spec), self.weight, self.bias)
         return FusedDense.apply(z_prev, self.weight, self.bias, BlockCall(self.activation, spec, self.storage,
                                                                       self.chunk_elements))
 

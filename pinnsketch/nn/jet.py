@@ -29,7 +29,7 @@ import torch
 
 from .activations import Activation, get_activation
 
-__all__ = ["JetSpec", "Jet"]
+__all__ = ["JetSpec", "Jet", "compose_streams", "compose_vjp"]
 
 MultiIndex = tuple[int, ...]
 # Faa di Bruno / Leibniz terms: (multiplicity, number of blocks, stream ids of the factors)
@@ -77,6 +77,11 @@ class JetSpec:
         self._position = {mi: i for i, mi in enumerate(self.indices)}
         self._compose_terms = [self._faa_di_bruno_terms(mi) for mi in self.indices]
         self._product_terms = [self._leibniz_terms(mi) for mi in self.indices]
+        # Every stream s > 0 has the one-block term f'(z_0) z_s; `compose_streams` and
+        # `compose_vjp` treat those as one batched product and loop over the rest only.
+        self._higher_terms: tuple[tuple[int, int, int, tuple[int, ...]], ...] = tuple(
+            (s, m, k, blocks) for s, terms in enumerate(self._compose_terms) for m, k, blocks in terms if k >= 2
+        )
 
     @property
     def size(self) -> int:
@@ -258,19 +263,7 @@ class Jet:
         if isinstance(fn, (str, Activation)):
             fn = get_activation(fn).derivatives
         z = self.streams
-        derivs = fn(z[0], self.spec.order)
-        out = [derivs[0]]
-        for terms in self.spec._compose_terms[1:]:
-            acc = None
-            for multiplicity, k, blocks in terms:
-                term = derivs[k]
-                for b in blocks:
-                    term = term * z[b]
-                if multiplicity != 1:
-                    term = multiplicity * term
-                acc = term if acc is None else acc + term
-            out.append(acc)
-        return Jet(torch.stack(out), self.spec)
+        return Jet(compose_streams(z, fn(z[0], self.spec.order), self.spec), self.spec)
 
     # --- arithmetic ---------------------------------------------------------------
     def _mul_jet(self, other: Jet) -> Jet:
@@ -372,6 +365,106 @@ class Jet:
         if not kwargs and func in cls._TORCH_BINARY and len(args) == 2 and isinstance(args[1], Jet):
             return getattr(args[1], cls._TORCH_BINARY[func])(args[0])
         return NotImplemented
+
+
+def compose_streams(z: torch.Tensor, derivs: Sequence[torch.Tensor], spec: JetSpec) -> torch.Tensor:
+    """Faa di Bruno: the streams of f(z) from z (S, N, ...) and derivs = [f(z_0), ..., f^(K)(z_0)], K >= order.
+
+    a_0 = f(z_0);  a_s = sum over the terms (m, k, blocks) of stream s of m f^(k)(z_0) prod_b z_b.
+    Differentiable by autograd when grad mode is on and an input requires grad;
+    otherwise it writes into one preallocated tensor (the fused blocks' path).
+    """
+    size = spec.size
+    d0 = derivs[0]
+    if size == 1:
+        return d0.unsqueeze(0)
+    d1 = derivs[1]
+    higher = spec._higher_terms
+    tracked = z.requires_grad or any(getattr(d, "requires_grad", False) for d in derivs[: spec.order + 1])
+    if tracked and torch.is_grad_enabled():
+        first = z[1:] * d1
+        if not higher:
+            return torch.cat([d0.unsqueeze(0), first])
+        out = [d0, *first.unbind(0)]
+        for s, m, k, blocks in higher:
+            term = derivs[k]
+            for b in blocks:
+                term = term * z[b]
+            out[s] = out[s] + (term if m == 1 else m * term)
+        return torch.stack(out)
+    out = torch.empty(z.shape, dtype=torch.result_type(z, d1), device=z.device)
+    out[0] = d0
+    torch.mul(z[1:], d1, out=out[1:])
+    if higher:
+        zs, outs = z.unbind(0), out.unbind(0)
+        for s, m, k, blocks in higher:
+            term = derivs[k] * zs[blocks[0]]
+            for b in blocks[1:-1]:
+                term.mul_(zs[b])
+            outs[s].addcmul_(term, zs[blocks[-1]], value=m)
+    return out
+
+
+def compose_vjp(z: torch.Tensor, derivs: Sequence[torch.Tensor], grad_a: torch.Tensor, spec: JetSpec,
+                *, overwrite: bool = False) -> torch.Tensor:
+    """Vector-Jacobian product of `compose_streams` at z: grad_a (S, N, ...) -> grad_z (S, N, ...).
+
+    derivs = [f(z_0), ..., f^(K+1)(z_0)] with K = spec.order (one more than the
+    forward map needs). Written out from the same term list, no autograd:
+    for a term t = m f^(k)(z_0) prod_{b in B} z_b of stream s,
+      d t / d z_0 = m f^(k+1)(z_0) prod_B z_b,
+      d t / d z_b = m f^(k)(z_0) c_b z_b^(c_b - 1) prod_{B without b} z,   (c_b: times b occurs in B)
+    and grad_z_j = sum over the terms of grad_a_s * d t / d z_j. The one-block
+    terms f'(z_0) z_s give grad_z_s = f'(z_0) grad_a_s for every stream at once.
+    overwrite=True writes the result into grad_a (which must not be needed afterwards).
+    """
+    d1 = derivs[1]
+    zs, gas = z.unbind(0), grad_a.unbind(0)
+    acc: dict[int, torch.Tensor] = {}       # k -> sum of m grad_a_s prod_B z_b over the terms with k blocks
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []   # grad_z_b += c * gd * others
+    if spec.size > 1:
+        # the z_0 derivative of the one-block terms f'(z_0) z_s: f''(z_0) sum_s grad_a_s z_s
+        first = gas[1] * zs[1]
+        for s in range(2, spec.size):
+            first.addcmul_(gas[s], zs[s])
+        acc[1] = first
+    for s, m, k, blocks in spec._higher_terms:
+        ga = gas[s] if m == 1 else gas[s] * m
+        gd = ga * derivs[k]
+        if k == 2:
+            b0, b1 = blocks
+            if b0 == b1:
+                pending.append((b0, gd, zs[b0], 2))
+                prod = zs[b0].square()
+            else:
+                pending += [(b0, gd, zs[b1], 1), (b1, gd, zs[b0], 1)]
+                prod = zs[b0] * zs[b1]
+        else:
+            counts = Counter(blocks)
+            for b, c in counts.items():
+                others = None
+                for b2, c2 in counts.items():
+                    power = c2 if b2 != b else c2 - 1
+                    if power == 0:
+                        continue
+                    factor = zs[b2] if power == 1 else zs[b2].pow(power)
+                    others = factor if others is None else others * factor
+                pending.append((b, gd, others, c))
+            prod = zs[blocks[0]]
+            for b in blocks[1:]:
+                prod = prod * zs[b]
+        if k in acc:
+            acc[k].addcmul_(ga, prod)
+        else:
+            acc[k] = ga * prod
+    # everything that reads grad_a is computed: now grad_z_s = f'(z_0) grad_a_s on every stream
+    out = grad_a.mul_(d1) if overwrite else grad_a * d1
+    outs = out.unbind(0)
+    for b, gd, others, c in pending:
+        outs[b].addcmul_(gd, others, value=c)
+    for k, c in acc.items():
+        outs[0].addcmul_(derivs[k + 1], c)
+    return out
 
 
 def _power_derivatives(p: float) -> Callable[[torch.Tensor, int], list[torch.Tensor]]:

@@ -120,6 +120,24 @@ def _check_callbacks(callbacks) -> list:
     return out
 
 
+def _settle_cpu_allocator() -> None:
+    """Keep a CPU training step's working set mapped from one step to the next (glibc).
+
+    glibc's malloc serves blocks above its mmap threshold (128 KiB at start) with
+    fresh mappings and gives the top of the heap back to the operating system when
+    more than its trim threshold is free, so every step page-faults its stacked jet
+    tensors in again: hundreds to a thousand minor faults per Adam step on the
+    Burgers benchmark (`benchmarks/vs_deepxde.py`), up to a third of the step. Freeing
+    one large block once raises both thresholds by glibc's own dynamic rule
+    (threshold = the freed block's size, trim threshold = twice that), after which
+    the step's memory stays in the process. Repeating it (one call per solve) costs
+    one allocation; with other allocators it only allocates and frees 24 MiB.
+    No numerical effect.
+    """
+    block = torch.empty(24 << 20, dtype=torch.uint8)
+    del block
+
+
 def _meter(enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
@@ -158,6 +176,8 @@ class _Run:
                 "ps.Periodic, ps.Initial, ps.InitialVelocity or ps.PointData"
             )
         self.dtype, self.device = _dtype(o["dtype"]), _device(o["device"])
+        if self.device.type == "cpu":
+            _settle_cpu_allocator()
         self.generator = torch.Generator().manual_seed(o["seed"])
         self.network = _build_network(o, explicit_storage, layout, self.generator, self.dtype, self.device)
         self.parameters = {

@@ -60,6 +60,7 @@ def test_fixture_loads_with_known_content():
     assert monitor.steps.tolist() == run.training["step"].tolist()
     assert monitor.config == {"rank": 2, "window": 32, "method": "three_sketch", "k": None, "s": None,
                               "sizing": "default", "operator": "gaussian", "error_size": 10, "normalize": False,
+                              "step_sketch": 0, "step_operator": "srft",     # options newer than the fixture
                               "seed": 1, "dtype": "torch.float32"}
     np.testing.assert_allclose(monitor.norms().numpy(), np.stack(list(run.gradient_norms.values()), axis=1))
     state = load_checkpoint(FIXTURE)

@@ -133,15 +133,19 @@ def test_command_line_run_file_options(tmp_path):
             pass
 
     callbacks, state = run_file_callbacks(
-        parser.parse_args(["--out", str(path), "--checkpoint-every", "4", "--monitor-rank", "2"]), total_steps=20)
+        parser.parse_args(["--out", str(path), "--checkpoint-every", "4", "--monitor-rank", "2",
+                           "--monitor-step-sketch", "16"]), total_steps=20)
     assert state is None and callbacks[0].monitor.config["window"] == 20
+    assert callbacks[0].monitor.config["step_sketch"] == 16
     with pytest.raises(KeyboardInterrupt):
         train_loop([*callbacks, Stop()], steps=20)
     callbacks, state = run_file_callbacks(parser.parse_args(["--resume", str(path)]), total_steps=20)
     assert state["step"] == 12 and callbacks[0].mode == "a" and callbacks[0].monitor.config["rank"] == 2
+    assert callbacks[0].monitor.config["step_sketch"] == 16
     train_loop(callbacks, steps=20, start=state)
     run = load(path)
     assert run.completed and run.gradient_steps.tolist() == list(range(1, 21))
+    assert run.monitor().step_sketch(0).shape == (20, 16)
     with pytest.raises(ValueError, match="--out FILE"):
         run_file_callbacks(parser.parse_args(["--monitor-rank", "2"]), total_steps=5)
     with pytest.raises(ValueError, match="leave out --out"):

@@ -91,3 +91,29 @@ def test_full_batch_ema_state_round_trip():
         m(x).pow(2).sum().backward()
         grads.append(m.blocks[1].weight.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_rank_controller_does_not_flap():
+    """After a reset the sketches hold one activation and estimate a lower error than the settled
+    average: a controller that shrank on it flapped (grow, reset, shrink, grow, ... every few steps).
+    Here rank <= 4 is too coarse (error 3x target) and rank 8 far below target, the pattern that
+    flapped every 4 steps before: shrinking waits for the EMA to settle and backs off after a flap."""
+    model = MLP(2, 1, width=16, depth=2, storage=["exact", EMAStorage(beta=0.9, target=0.1, initial_rank=4,
+                                                                      r_min=2, r_max=16), "exact"])
+    model(torch.rand(32, 2, generator=torch.Generator().manual_seed(5))).pow(2).sum().backward()
+    ema = model.storages[1]
+    assert ema.settle == 10
+    for _ in range(300):
+        ema._step_error = 0.3 if ema.rank <= 4 else 0.01
+        ema.advance()
+    changes = [h for h in ema.history if h["event"] in ("grow", "shrink")]
+    assert changes[0]["event"] == "grow" and changes[0]["new_rank"] == 8
+    shrinks = [h["step"] for h in changes if h["event"] == "shrink"]
+    assert shrinks and shrinks[0] - changes[0]["step"] >= ema.settle      # waited for the average
+    assert len(changes) <= 8, changes                                     # was ~150 (every 4 steps)
+    gaps = [b["step"] - a["step"] for a, b in zip(changes, changes[1:])]
+    assert gaps == sorted(gaps) or max(gaps[-2:]) >= 80                   # backing off, not flapping
+    clone = MLP(2, 1, width=16, depth=2, storage=["exact", EMAStorage(beta=0.9, target=0.1), "exact"])
+    clone.load_state_dict(model.state_dict())
+    assert clone.storages[1]._no_shrink_until == ema._no_shrink_until
+    assert clone.storages[1]._cooldown == ema._cooldown

@@ -5,7 +5,7 @@ import torch
 
 from pinnsketch.nn import MLP, ResidualMLP, JetSpec, make_storage
 from pinnsketch.nn.activations import ACTIVATIONS, get_activation
-from pinnsketch.nn.fused import BlockCall, FusedDense
+from pinnsketch.nn.fused import BlockCall, FusedDense, _chunks
 
 from nn_helpers import nested_derivatives, plain_forward, rel
 
@@ -84,6 +84,13 @@ def test_chunked_backward_equals_unchunked(spec2):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert rel(a, b) < 1e-12
+
+
+def test_chunks_split_only_layers_above_the_element_budget():
+    assert _chunks(2780, 4 * 20, 2**20) == [slice(None)]          # the Burgers benchmark's layers: one chunk
+    parts = _chunks(100, 10, 250)                                   # 25 rows of 10 elements per chunk
+    assert [(p.start, p.stop) for p in parts] == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert [(p.start, p.stop) for p in _chunks(5, 10, 1)] == [(i, i + 1) for i in range(5)]
 
 
 def test_block_shape_errors(spec2):
