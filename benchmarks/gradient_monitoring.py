@@ -36,8 +36,8 @@ Workloads:
 * ``burgers_pinn``: pinnsketch.solve on the Burgers problem, MLP 2-64x4-1 (tanh), exact storage,
   1,000 collocation points (full batch), Adam lr 1e-3.
 
-    python benchmarks/gradient_monitoring.py            # headline only: about a minute on 2 CPU cores
-    python benchmarks/gradient_monitoring.py --sweep    # + replayed sweep (what results/ holds)
+    python benchmarks/gradient_monitoring.py            # headline only: a few minutes on 2 CPU cores
+    python benchmarks/gradient_monitoring.py --sweep    # + replayed sweep (what results/ holds; ~11 min, loaded)
 """
 
 from __future__ import annotations

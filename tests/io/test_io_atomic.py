@@ -99,8 +99,7 @@ def test_writer_killed_mid_commit_leaves_a_temporary_that_the_next_writer_remove
     other = tmp_path / ".other.h5.abc.tmp"                 # another run's temporary: not touched
     other.write_bytes(b"x")
     assert load(path).checkpoint_step == 10
-    model, _ = train_loop([RunWriter(path, mode="a", checkpoint_every=5)], steps=15,
-                          start=load_checkpoint(path))
+    train_loop([RunWriter(path, mode="a", checkpoint_every=5)], steps=15, start=load_checkpoint(path))
     assert not stale.exists() and other.exists()
     assert load(path).completed and load(path).steps == 15
 

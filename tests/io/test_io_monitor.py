@@ -1,6 +1,8 @@
 """The gradient monitor's state in /gradients: round trip with and without a step sketch, resume, and
 files written before the step sketch existed."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -34,7 +36,8 @@ def test_step_sketch_round_trips_through_the_run_file(tmp_path):
     with h5py.File(path, "r") as f:
         layer = f["gradients/sketches/window_00002/0"]
         assert set(layer) == {"V", "S", "U", "W", "filled", "count", "step_sketch"}
-        assert layer["step_sketch"].shape == (16, 40) and f["gradients/sketches/window_00000/2/step_sketch"].shape == (16, 34)
+        assert layer["step_sketch"].shape == (16, 40)
+        assert f["gradients/sketches/window_00000/2/step_sketch"].shape == (16, 34)
     back = run.monitor()
     _same_monitor(back, monitor)
     assert back.config["step_sketch"] == 40
@@ -80,8 +83,6 @@ def test_files_without_a_step_sketch_still_load(tmp_path):
     path = tmp_path / "old.h5"
     train_loop([RunWriter(path, checkpoint_every=5, monitor=GradientMonitor(rank=2, window=10))], steps=10)
     with h5py.File(path, "r+") as f:
-        import json
-
         config = json.loads(f["gradients"].attrs["config"])
         for key in ("method", "k", "s", "step_sketch", "step_operator"):
             del config[key]
