@@ -389,6 +389,8 @@ def main(argv=None) -> dict:
         records += burgers_training_records(solve, args.policies, config=config)
 
     command = " ".join(["python benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)])
+    for r in records:                # records kept from earlier runs keep their own command and commit
+        r.update(command=command, git_commit=env["git_commit"])
     out = {"benchmark": "memory", "command": command, **env, "records": records}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.output.exists():

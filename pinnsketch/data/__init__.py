@@ -3,7 +3,7 @@ training through the sketched-layer core, and the `pinnsketch bench` comparison.
 
 from .bench import BENCH_DEFAULTS, DEFAULT_STORAGES, format_table, parse_storage, run_bench
 from .cifar import CIFAR10_CLASSES, CIFAR10_FILES, load_cifar10, read_cifar_batch
-from .classify import ClassifierResult, evaluate, make_classifier, train_classifier
+from .classify import MINIBATCH_OPTIONS, ClassifierResult, evaluate, make_classifier, minibatch_storage, train_classifier
 from .dataset import DataDirectoryError, DataFormatError, ImageDataset
 from .digits import load_digits
 from .idx import read_idx
@@ -31,6 +31,8 @@ __all__ = [
     # training
     "Standardizer",
     "make_classifier",
+    "minibatch_storage",
+    "MINIBATCH_OPTIONS",
     "train_classifier",
     "evaluate",
     "ClassifierResult",

@@ -163,3 +163,17 @@ def test_run_file_and_gradient_monitor_as_callbacks(digits, tmp_path):
     assert summary["steps"] == result.steps == len(monitor)
     assert summary["test_accuracy"] == pytest.approx(result.test_accuracy)
     assert summary["saved_bytes_peak"] == result.saved_bytes_peak
+
+
+def test_lowrank_by_name_gets_the_mini_batch_noise_allowance():
+    from pinnsketch.data import MINIBATCH_OPTIONS, minibatch_storage, parse_storage
+    from pinnsketch.nn import LowRankStorage
+
+    assert minibatch_storage("lowrank").noise_fraction == MINIBATCH_OPTIONS["lowrank"]["noise_fraction"]
+    assert minibatch_storage("exact") == "exact"
+    mixed = minibatch_storage(["exact", "lowrank"])
+    assert mixed[0] == "exact" and isinstance(mixed[1], LowRankStorage)
+    assert parse_storage("lowrank:rank=8").noise_fraction == 0.25
+    assert parse_storage("lowrank:noise_fraction=none").noise_fraction is None
+    custom = LowRankStorage(target=0.05)
+    assert minibatch_storage(custom) is custom          # objects pass unchanged

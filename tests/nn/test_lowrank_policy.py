@@ -29,8 +29,9 @@ def x():
 
 
 def test_same_step_same_test_matrices(x):
-    """L-BFGS re-evaluates the loss within one step: the gradients must agree bit for bit."""
-    model = MLP(2, 1, width=10, depth=2, dtype=torch.float64,
+    """L-BFGS re-evaluates the loss within one step: the gradients must agree bit for bit.
+    (Width 16 > 2k = 10: the randomized range finder, not the narrow blocks' exact Gram.)"""
+    model = MLP(2, 1, width=16, depth=2, dtype=torch.float64,
                 storage=LowRankStorage(rank=2, residual=None, value_residual=None, adaptive=False))
 
     def grads():
@@ -253,3 +254,29 @@ def test_derivative_path_control_tightens_jets_through_smooth_activations(x):
     assert with_path.recon_error < without.recon_error
     assert with_path.recon_error <= with_path.path_target() or with_path.exact
     assert (with_path.rank, with_path.bits) != (without.rank, without.bits)
+
+
+def test_audit_steps_add_only_a_small_bfloat16_sketch():
+    """An audit keeps Y_a (S, N, q) in bfloat16 on top of the compressed form, nothing exact:
+    q = 8 values per point, 1/(2 w) of the audited block's exact bytes per column of q."""
+    from pinnsketch.nn import MemoryMeter
+
+    x, y = _digits_batch(128, seed=5)
+
+    def peaks(storage):
+        model = MLP(64, 10, width=128, depth=2, activation="relu", seed=1, storage=storage)
+        out = []
+        for _ in range(3):
+            model.zero_grad()
+            with MemoryMeter() as meter:
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            out.append(meter.peak_bytes)
+            model.advance()
+        return out
+
+    exact = peaks("exact")[0]
+    audited = peaks(LowRankStorage(rank=8, audit_every=1))          # block i audited at step i
+    plain = peaks(LowRankStorage(rank=8, audit_every=0))
+    extra = [a - p for a, p in zip(audited, plain)]
+    assert all(0 < e <= 128 * 8 * 2 + 64 for e in extra), extra     # N q bfloat16 values (+ alignment)
+    assert max(audited) < exact / 3
