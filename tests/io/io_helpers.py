@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pinnsketch import pinn as ps
-
+from pinnsketch.pinn.callbacks import TrainingState
 
 def _fixture_module():
     # The fixture script defines the small problem; load it by path (tests/ is not a package).
@@ -21,7 +18,6 @@ def _fixture_module():
     spec.loader.exec_module(module)
     return module
 
-
 make_fixture = _fixture_module()
 Parabola1D = make_fixture.Parabola1D
 FIXTURE = make_fixture.FIXTURE
@@ -29,28 +25,8 @@ solve_options = make_fixture.solve_options
 make_monitor = make_fixture.make_monitor
 write_fixture = make_fixture.write_fixture
 
-
-@dataclass
-class LoopState:
-    """A TrainingState look-alike for training loops other than the solver's."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    problem: object = None
-    step: int = 0
-    phase: str = "fit"
-    losses: dict = field(default_factory=dict)
-    loss: float = math.nan
-    lr: float = math.nan
-    wall_time_s: float = 0.0
-    saved_bytes_peak: int | None = None
-    l2_relative_error: float | None = None
-    config: dict = field(default_factory=dict)
-    storage_report: list = field(default_factory=list)
-
-
 def train_loop(callbacks, *, steps: int = 30, seed: int = 0, start: dict | None = None, sleep: float = 0.0):
-    """Fit a 3-16-2 MLP to a fixed regression target with Adam; callbacks see a LoopState."""
+    """Fit a 3-16-2 MLP to a fixed regression target with Adam; callbacks see the solver's TrainingState."""
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     with torch.no_grad():
@@ -59,7 +35,8 @@ def train_loop(callbacks, *, steps: int = 30, seed: int = 0, start: dict | None 
     x = torch.randn(64, 3, generator=gen)
     y = torch.stack([x[:, 0] * x[:, 1], torch.sin(x[:, 2])], dim=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    state = LoopState(model=model, optimizer=opt, config={"seed": seed, "problem": "regression"})
+    state = TrainingState(problem=None, model=model, optimizer=opt, phase="fit",
+                          config={"seed": seed, "problem": "regression"})
     if start is not None:
         model.load_state_dict(start["model"])
         opt.load_state_dict(start["optimizer"])

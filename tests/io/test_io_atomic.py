@@ -1,6 +1,5 @@
 """Atomic writes: a writer killed with SIGKILL at any moment leaves a readable file at its last checkpoint."""
 
-import os
 import signal
 import subprocess
 import sys
