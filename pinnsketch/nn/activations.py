@@ -50,12 +50,13 @@ class Activation(abc.ABC):
 
 
 def _tanh(z: torch.Tensor) -> torch.Tensor:
-    """tanh(z). On the CPU through expm1 (e / (e + 2), e = expm1(2z)): within 2 ulps of
-    torch.tanh, relative accuracy kept near 0, and about twice as fast there; elsewhere torch.tanh."""
+    """tanh(z). On the CPU as 2 sigmoid(2z) - 1: torch's CPU tanh is not vectorized in every
+    build (about 10x slower than sigmoid on 55k floats here, where it was a tenth of a PINN
+    step). Absolute error within a few eps of torch.tanh (not relative near 0, which no jet
+    term needs: every use multiplies t by O(1) factors); exactly +-1 far out. Elsewhere torch.tanh."""
     if z.device.type != "cpu" or not z.is_floating_point():
         return torch.tanh(z)
-    e = torch.expm1(torch.clamp(z, -20.0, 20.0).mul_(2))  # tanh(+-20) rounds to +-1 in float64
-    return e / (e + 2)
+    return torch.sigmoid(z * 2).mul(2).sub_(1)  # sigmoid saves its output for autograd: not in place
 
 
 class Tanh(Activation):

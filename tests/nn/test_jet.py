@@ -104,16 +104,17 @@ def test_spec_closure_order_and_names():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tanh_agrees_with_torch_tanh_to_a_few_ulps(dtype):
-    """Tanh computes tanh through expm1 on the CPU: relative accuracy near 0, exact +-1 far out."""
+def test_tanh_agrees_with_torch_tanh_to_a_few_eps(dtype):
+    """Tanh computes tanh through sigmoid on the CPU: absolute error of a few eps, exact +-1 far out."""
     x64 = torch.cat([torch.linspace(-30, 30, 20001, dtype=torch.float64),
                      torch.logspace(-30, 0, 301, dtype=torch.float64),
                      -torch.logspace(-30, 0, 301, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     x = x64.to(dtype)
     ours = get_activation("tanh")(x)
     ref = torch.tanh(x.double())
-    rel = ((ours.double() - ref).abs() / ref.abs().clamp_min(torch.finfo(torch.float64).tiny)).max()
-    assert ours.dtype == dtype and float(rel) < 4 * torch.finfo(dtype).eps
+    err = (ours.double() - ref).abs().max()
+    assert ours.dtype == dtype and float(err) < 4 * torch.finfo(dtype).eps
+    assert ours[x64.abs() > 20].abs().eq(1).all()
     special = get_activation("tanh")(torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype))
     assert special[0] == 1 and special[1] == -1 and torch.isnan(special[2])
 
