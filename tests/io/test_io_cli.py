@@ -80,3 +80,20 @@ def test_plot_2d_fields_and_rank_history(tmp_path):
     written = plot_run(path, tmp_path / "figs")
     assert sorted(p.name for p in written) == ["ranks.png", "solution.png", "training.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(recorded_run):
+    """`pinnsketch inspect run.h5 --json | head -1`: the reader has gone; no error line, status 0."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)                       # every write to the pipe now fails with EPIPE
+    proc = subprocess.run([sys.executable, "-c", "import sys; from pinnsketch.cli import main; sys.exit(main())",
+                           "inspect", "--json", str(recorded_run[0])],
+                          stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    os.close(write_end)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert "error" not in stderr.lower() and "Traceback" not in stderr
