@@ -310,7 +310,7 @@ class LowRankStorage(AbstractStorage):
         # Errors are measured once per step and call size (L-BFGS re-evaluates a step many times
         # at nearby weights), and on every audited call (its kappa needs that call's error).
         measure = audit or (s, n) not in self._step_measured
-        parts, err, low_err, tail = self._compress(z_prev, r, bits, measure)
+        parts, err, low_err, tail, decoded = self._compress(z_prev, r, bits, measure, keep_decoded=audit)
         if measure:
             self._step_measured.add((s, n))
             # A step may call the network several times (residual points, boundary points):
@@ -329,7 +329,8 @@ class LowRankStorage(AbstractStorage):
         if not audit:
             self._note(info)
             return tuple(parts), meta
-        y = self._audit_sketch(z_prev, a, _rows_fn(parts, layout, self.group), block)
+        # the audit rebuilds z_hat from the residual decoded while measuring, not from the codes again
+        y = self._audit_sketch(z_prev, a, _rows_fn(parts, layout, self.group, decoded), block)
         # fallback: train on the exact z_prev, estimate what compression would cost
         saved = (z_prev, y) if self.exact else (*parts, y)
         self._note({**info, "saved_bytes": stored_bytes(saved)})
@@ -340,17 +341,19 @@ class LowRankStorage(AbstractStorage):
         names = sorted({f"int{b}" for b in bits if b is not None})
         return "lowrank" + "".join(f"+{n}" for n in names)
 
-    def _compress(self, z: torch.Tensor, r: int, bits: tuple, measure: bool = True):
+    def _compress(self, z: torch.Tensor, r: int, bits: tuple, measure: bool = True, keep_decoded: bool = False):
         """Low-rank part + residual codes of every stream of z (S, N, w).
 
         Returns (parts, relative error of z_hat (max over streams), relative error of the low-rank
-        part alone (max over streams), predicted residual factors {"up": rank 2r, "down": rank r/2});
-        the errors and factors are nan / {} when not `measure`.
+        part alone (max over streams), predicted residual factors {"up": rank 2r, "down": rank r/2},
+        decoded); the errors and factors are nan / {} when not `measure`.
         parts: U (S, N, r), P (S, w, r), then per group of streams with equal bits: codes, scales.
+        decoded: with `keep_decoded` (and `measure`), the decoded residual of each coded group,
+        [(G, N, w)], exactly what decoding its codes gives (for `_rows_fn`); else None.
         """
         s, n, w = z.shape
         norms = torch.linalg.vector_norm(z, dim=(1, 2))                       # (S,)
-        if not bool(torch.isfinite(norms).all()):
+        if not all(map(math.isfinite, norms.tolist())):                     # one small copy, no extra ops
             check_finite_activation(z, self.layer, self.name)                 # raises with a clear message
         k = self._k(r, w, n)
         if w <= 2 * k:
@@ -371,38 +374,44 @@ class LowRankStorage(AbstractStorage):
         u = z @ p                                                            # (S, N, r)
         factors = {}
         if measure:
-            # residual energy at rank j from the (estimated) singular values
+            # residual energy at ranks r, 2r, r/2 from the (estimated) singular values, in one pass
             energy = norms.square().to(sv2.dtype)
             captured = sv2.cumsum(dim=1)
-
-            def tail(j: int) -> torch.Tensor:
-                return (energy - captured[:, j - 1]).clamp_min(0).sqrt() if j >= 1 else energy.sqrt()
-
-            base = tail(r).clamp_min(1e-30 * float(norms.max().clamp_min(1e-30)))
-            if 2 * r <= sv2.shape[1]:
-                factors["up"] = float((tail(2 * r) / base).max())
-            if r // 2 >= 1:
-                factors["down"] = float((tail(r // 2) / base).max())
+            names = [name for name, ok in (("up", 2 * r <= sv2.shape[1]), ("down", r // 2 >= 1)) if ok]
+            cols = [r - 1] + [2 * r - 1 if name == "up" else r // 2 - 1 for name in names]
+            tails = (energy[:, None] - captured[:, cols]).clamp_min(0).sqrt()      # (S, 1 + len(names))
+            base = tails[:, 0].clamp_min(1e-30 * float(norms.max().clamp_min(1e-30)))
+            factors = dict(zip(names, (tails[:, 1:] / base[:, None]).amax(dim=0).tolist()))
         coded = any(b is not None for b in bits)
         if coded and u.dtype == torch.float32:
             u = u.to(torch.bfloat16)                                          # the residual absorbs the rounding
-        residual = z - u.to(z.dtype) @ p.mT
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        low_err = float((torch.linalg.vector_norm(residual, dim=(1, 2)) / safe).max()) if measure else math.nan
+        low = u.to(z.dtype) @ p.mT                                           # (S, N, w)
+        residual = torch.sub(z, low, out=low)                                 # z - U P^T, in place
+        low_norms = torch.linalg.vector_norm(residual, dim=(1, 2)) if measure else None      # (S,)
         parts = [u, p]
-        error = residual if measure else None
+        decoded = [] if keep_decoded and measure else None
         for b, streams in _groups(bits):
             if b is None:
                 continue
             codec = self._codec(b)
             sub = residual[streams]                                           # (G, N, w)
-            codes = codec.encode(sub.reshape(-1, w))
+            if not measure:
+                parts += codec.encode(sub.reshape(-1, w))
+                continue
+            codes, sub_hat = codec.encode_decode(sub.reshape(-1, w))
             parts += codes
-            if measure:
-                error = error.clone() if error is residual else error
-                error[streams] = sub - codec.decode(codes, (sub.shape[0] * n, w), z.dtype).view(sub.shape)
-        err = float((torch.linalg.vector_norm(error, dim=(1, 2)) / safe).max()) if measure else math.nan
-        return parts, err, low_err, factors
+            if decoded is not None:
+                decoded.append(sub_hat.view(sub.shape))
+            # the residual is coded: overwrite it with the coding error z - z_hat of these streams
+            # (uncoded streams' error is the residual itself), then measure all streams at once
+            torch.sub(sub, sub_hat.view(sub.shape), out=sub)
+        if not measure:
+            return parts, math.nan, math.nan, factors, decoded
+        # relative errors of z_hat and of U P^T alone, max over streams (one sync for both)
+        safe = torch.where(norms > 0, norms, 1.0)
+        errors = torch.stack([torch.linalg.vector_norm(residual, dim=(1, 2)), low_norms]) / safe
+        err, low_err = errors.amax(dim=1).tolist()
+        return parts, err, low_err, factors, decoded
 
     def _audit_sketch(self, z, a, rows, block) -> torch.Tensor:
         """Y_a = (a - a_hat) Omega_a^T, (S, N, q), computed chunk by chunk over the points."""
@@ -421,7 +430,7 @@ class LowRankStorage(AbstractStorage):
                 a_hat = z_hat
             else:
                 a_hat = block.jet(z_hat)
-            y[:, r] = omega.apply_right((a[:, r] - a_hat).reshape(-1, w)).view(s, -1, self.audit_size).to(store)
+            y[:, r].copy_(omega.apply_right((a[:, r] - a_hat).reshape(-1, w)).view(s, -1, self.audit_size))
         return y
 
     # -- backward ------------------------------------------------------------------------
@@ -646,8 +655,12 @@ def _groups(bits: tuple) -> list[tuple[int | None, slice]]:
     return out
 
 
-def _rows_fn(parts, layout, group: int | None):
-    """rows -> z_hat[:, rows] (S, n, w) from parts [U, P, (codes, scales) per coded group]."""
+def _rows_fn(parts, layout, group: int | None, decoded: list[torch.Tensor] | None = None):
+    """rows -> z_hat[:, rows] (S, n, w) from parts [U, P, (codes, scales) per coded group].
+
+    decoded: the decoded residual of each coded group, [(G, N, w)], when the caller has it
+    (`_compress`): used instead of decoding the codes again (the same values).
+    """
     s, n, w, _, bits = layout
     u, p, *codes = parts
     coded = []
@@ -655,13 +668,17 @@ def _rows_fn(parts, layout, group: int | None):
     for b, streams in _groups(bits):
         if b is not None:
             g = streams.stop - streams.start
-            coded.append((IntCodec(b, group), streams, g, codes[i], codes[i + 1]))
+            coded.append((IntCodec(b, group), streams, g, codes[i], codes[i + 1],
+                          None if decoded is None else decoded[i // 2]))
             i += 2
 
     def rows(r: slice) -> torch.Tensor:
         out = u[:, r].to(p.dtype) @ p.mT                                      # (S, m, w)
         m = out.shape[1]
-        for codec, streams, g, c, sc in coded:
+        for codec, streams, g, c, sc, hat in coded:
+            if hat is not None:
+                out[streams] += hat[:, r]
+                continue
             c = c.view(g, n, -1)[:, r].reshape(g * m, -1)
             sc = sc.view(g, n, -1)[:, r].reshape(g * m, -1)
             out[streams] += codec.decode((c, sc), (g * m, w), out.dtype).view(g, m, w)

@@ -45,3 +45,37 @@ def test_mask_round_trip(shape):
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("w,group", [(1, None), (7, None), (20, None), (7, 2), (20, 6)])
+def test_encode_decode_matches_decode_bit_for_bit(bits, w, group):
+    """The lowrank policy measures its coding error (and rebuilds z_hat for audits) from
+    `encode_decode`: it must be exactly `decode` of `encode`, the sign of zeros included."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, w, generator=g) * torch.logspace(-4, 4, 40)[:, None]
+    x[3] = 0.0
+    x[5] = -1e-9 * x[5].abs()              # rounds to -0.0 codes next to a large entry
+    x[5, 0] = 1.0
+    codec = IntCodec(bits, group)
+    parts, x_hat = codec.encode_decode(x)
+    ref = codec.encode(x)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(parts, ref))
+    decoded = codec.decode(parts, x.shape, x.dtype)
+    assert x_hat.is_contiguous() and x_hat.shape == x.shape
+    assert torch.equal(x_hat, decoded)
+    assert torch.equal(torch.signbit(x_hat), torch.signbit(decoded))
+
+
+@pytest.mark.parametrize("w", [1, 2, 5, 20, 33])
+def test_codes_layout_and_row_max(w):
+    """Nibble layout (code 2j low, 2j+1 high, offset 8) and the halving row maximum."""
+    from pinnsketch.nn.codecs import _pack_nibbles, _row_max, _unpack_nibbles
+
+    codes = torch.randint(-7, 8, (9, w), generator=torch.Generator().manual_seed(3), dtype=torch.int8)
+    packed = _pack_nibbles(codes)
+    padded = torch.cat([codes, codes.new_zeros(9, w % 2)], dim=1).to(torch.int16) + 8
+    assert torch.equal(packed.to(torch.int16), padded[:, 0::2] + 16 * padded[:, 1::2])
+    assert torch.equal(_unpack_nibbles(packed, w), codes)
+    x = torch.randn(9, 3, w, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_row_max(x), x.amax(dim=-1))
