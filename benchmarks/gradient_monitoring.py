@@ -46,13 +46,13 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pinnsketch.data.bench import git_commit
 from pinnsketch.monitor import GradientMonitor
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gradient_monitoring.json"
@@ -231,15 +231,6 @@ def _quantile(t: torch.Tensor, q: float) -> float:
     return float(torch.quantile(t.double(), q)) if t.numel() else math.nan
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 #: Headline configuration per workload (memory_reduction >= 0.99 over 1,000 steps); see the docstring.
 HEADLINE = {
     "mnist_mlp": dict(method="isvd", rank=2, step_sketch=128, error_size=0),
@@ -316,7 +307,7 @@ def main(argv=None) -> dict:
         "benchmark": "gradient_monitoring",
         "command": "python benchmarks/gradient_monitoring.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch_version": torch.__version__, "python": platform.python_version(), "device": "cpu",
-        "cpu_threads": torch.get_num_threads(), "commit": _commit(),
+        "cpu_threads": torch.get_num_threads(), "commit": git_commit(),
         "target": "memory_reduction >= 0.99 with norm_rel_error_median <= 0.05 over 1,000 steps",
         "norm_rel_error_median": "median over (layer, step) of the relative error of the per-step norms the monitor "
                                  "estimates from its compressed state (GradientMonitor.estimated_norms): the step "

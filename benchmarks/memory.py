@@ -41,7 +41,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from pinnsketch.data.bench import git_commit
 from pinnsketch.nn import MLP, JetSpec, MemoryMeter
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -315,11 +315,7 @@ def burgers_training_records(solve: Callable, policies, *, config: dict | None =
 
 # -- entry point ---------------------------------------------------------------------------------
 def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    commit = git_commit()
     return {"torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
             "python": platform.python_version(), "machine": platform.machine(), "git_commit": commit}
 
