@@ -6,7 +6,7 @@ from .ema import EMAStorage
 from .fused import DenseBlock, FusedDense
 from .jet import Jet, JetSpec
 from .lowrank import LowRankStorage
-from .memory import MemoryMeter
+from .memory import MemoryMeter, ResidentPeak
 from .models import CNN, MLP, ResidualMLP
 from .policies import STORAGES, make_storage
 from .projection import ProjectionStorage
@@ -24,6 +24,7 @@ __all__ = [
     "DenseBlock",
     "FusedDense",
     "MemoryMeter",
+    "ResidentPeak",
     "AbstractStorage",
     "Stored",
     "StorageError",

@@ -235,7 +235,11 @@ class DenseBlock(torch.nn.Module):
         else:
             raise ValueError(f"init={init!r} is not one of 'xavier', 'kaiming'")
         with torch.no_grad():
-            self.weight.normal_(0.0, std, generator=generator)
+            # drawn on the generator's device (the CPU for a model seed), then copied: the same
+            # weights on every device, and no generator/device mismatch under set_default_device
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            draw = torch.empty(out_features, in_features, dtype=self.weight.dtype, device=gen_device)
+            self.weight.copy_(draw.normal_(0.0, std, generator=generator))
 
     def forward(self, z_prev: torch.Tensor, spec: JetSpec) -> torch.Tensor:
         """z_prev (S, N, in) -> z (S, N, out)."""

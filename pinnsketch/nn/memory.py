@@ -34,7 +34,7 @@ import weakref
 
 import torch
 
-__all__ = ["MemoryMeter"]
+__all__ = ["MemoryMeter", "ResidentPeak"]
 
 # The stack of meters entered in the current context, innermost last. A
 # ContextVar (not a module global) so concurrent threads or tasks each see
@@ -183,3 +183,62 @@ class MemoryMeter:
     def __repr__(self) -> str:
         return (f"MemoryMeter(peak_bytes={self.peak_bytes}, live_bytes={self.live_bytes}, "
                 f"cuda_peak_bytes={self.cuda_peak_bytes})")
+
+
+class ResidentPeak:
+    """Peak resident memory of this process above its level at entry, by sampling (Linux).
+
+    For benchmarks that run one configuration per fresh process: what the operating
+    system sees, whoever allocated it (torch, BLAS workspaces, Python). A thread reads
+    ``/proc/self/statm`` every `interval` seconds (default 0.5 ms) while the block runs;
+    a peak shorter than the interval can be missed, so it is a lower bound, exact for
+    plateaus. The allocator may keep freed memory mapped (glibc), so run the measured
+    step in a process that has not yet held more than the step needs.
+
+    Usage::
+
+        with ResidentPeak() as rss:
+            step()
+        rss.peak_bytes       # int: max(RSS) - RSS at entry, >= 0
+
+    Raises RuntimeError on entry where ``/proc/self/statm`` does not exist (not Linux).
+    """
+
+    def __init__(self, interval: float = 5e-4):
+        if not interval > 0:
+            raise ValueError(f"interval={interval!r} must be a positive number of seconds")
+        self.interval = float(interval)
+        self.peak_bytes = 0
+        self.baseline_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._max = 0
+
+    @staticmethod
+    def resident_bytes() -> int:
+        """The process's resident set size now, in bytes."""
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, self.resident_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "ResidentPeak":
+        try:
+            self.baseline_bytes = self._max = self.resident_bytes()
+        except OSError as e:
+            raise RuntimeError(f"ResidentPeak needs /proc/self/statm (Linux): {e}") from None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, self.resident_bytes())
+        self.peak_bytes = max(0, self._max - self.baseline_bytes)

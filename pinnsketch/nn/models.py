@@ -33,11 +33,13 @@ def _generator_and_seed(seed: int | torch.Generator) -> tuple[torch.Generator, i
     """A local generator for the initialization and an integer seed for the storage policies."""
     if isinstance(seed, torch.Generator):
         gen = seed
-        storage_seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+        # device= explicitly: under torch.set_default_device("cuda") a draw would go to the GPU
+        storage_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
         return gen, storage_seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative int or a torch.Generator")
-    return torch.Generator().manual_seed(seed), derive_seed(seed, "storage")
+    # a CPU generator whatever the default device: the same seed gives the same weights on every device
+    return torch.Generator(device="cpu").manual_seed(seed), derive_seed(seed, "storage")
 
 
 def _init_for(activation: str) -> str:
@@ -242,7 +244,8 @@ class CNN(_BlockNetwork):
         with torch.no_grad():
             for conv in (self.features[0], self.features[3]):
                 fan_in = conv.in_channels * 9
-                conv.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
+                draw = torch.empty(conv.weight.shape, dtype=conv.weight.dtype, device=gen.device)
+                conv.weight.copy_(draw.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen))
                 conv.bias.zero_()
         self.image_shape = (in_channels, image_size, image_size)
         flat = c2 * (image_size // 4) ** 2
