@@ -3,7 +3,8 @@
 from .activations import ACTIVATIONS, Activation, get_activation
 from .codecs import BFloat16Codec, ExactCodec, IntCodec, make_codec
 from .ema import EMAStorage
-from .fused import DenseBlock, FusedDense
+from .block import DenseBlock
+from .fused import FusedDense
 from .jet import Jet, JetSpec
 from .lowrank import LowRankStorage
 from .memory import MemoryMeter, ResidentPeak

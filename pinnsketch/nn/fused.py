@@ -1,5 +1,11 @@
 """Fused dense blocks: activation, then linear map, as one autograd Function.
 
+This module holds the block arithmetic shared by every path (`activation_jet`,
+`_linear`, `_activation_vjp`) and `FusedDense`, the per-block Function used by
+policies that need a block's whole input at once (`ema`, `projection`; and any
+block run inside a `checkpoint` segment). Policies that store rows as they come
+(`exact`, `lowrank`) run whole networks through `pinnsketch.nn.chain` instead.
+
 A block maps the previous layer's pre-activation jet z_prev (S, N, w_in) to
 
     z = act(z_prev) W^T + b          (bias on the value stream only)
@@ -27,7 +33,7 @@ NOTE [storage]
     ranks, flags; `ema` also references its persistent sketch object, whose
     tensors it saves through ``save_for_backward`` as well).
     Backward, one block at a time, and within a block chunk by chunk over the
-    points (`chunk_elements`, default 2**20 elements: a small layer is one chunk),
+    points (`pinnsketch.nn.chunking`: sized in bytes per device; one chunk on a GPU),
     so that reconstructions and recomputations are a transient of one chunk,
     never of a whole layer:
       * grad_a = g W                       exact (no activation needed);
@@ -44,18 +50,18 @@ NOTE [storage]
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .activations import MAX_ORDER, Activation, Identity, ReLU, get_activation
+from .activations import MAX_ORDER, Activation, Identity, ReLU
 from .codecs import pack_mask, unpack_mask
 from .jet import JetSpec, compose_streams, compose_vjp
+from .chunking import default_chunk_bytes, row_chunks
 from .storage import AbstractStorage
 
-__all__ = ["BlockCall", "FusedDense", "DenseBlock", "activation_jet"]
+__all__ = ["BlockCall", "FusedDense", "activation_jet"]
 
 
 def activation_jet(z: torch.Tensor, activation: Activation, spec: JetSpec) -> torch.Tensor:
@@ -82,7 +88,7 @@ class BlockCall:
     activation: Activation
     spec: JetSpec
     storage: AbstractStorage
-    chunk_elements: int = 2**20
+    chunk_bytes: int | None = None
 
     @property
     def piecewise_linear(self) -> bool:
@@ -103,7 +109,8 @@ class FusedDense(torch.autograd.Function):
         saved, meta = call.storage.pack(z_prev, a, call)
         del a
         mask = ()
-        if isinstance(call.activation, ReLU) and not call.storage.exact_z:
+        # ReLU's exact mask, unless the policy keeps it itself (rows-capable policies do)
+        if isinstance(call.activation, ReLU) and not call.storage.exact_z and not call.storage.rows_capable:
             mask = (pack_mask(z_prev[0] > 0),)
         ctx.save_for_backward(weight, *mask, *saved)
         ctx.call, ctx.meta, ctx.has_mask = call, meta, bool(mask)
@@ -126,7 +133,8 @@ class FusedDense(torch.autograd.Function):
         if need_w:
             grad_w = storage.weight_grad(grad_z, stored, call)        # None: accumulate over chunks
         chunked_w = need_w and grad_w is None
-        chunks = _chunks(n, s * max(weight.shape), call.chunk_elements)
+        budget = call.chunk_bytes if call.chunk_bytes is not None else default_chunk_bytes(grad_z.device)
+        chunks = row_chunks(n, s * max(weight.shape) * grad_z.element_size(), budget)
         whole = len(chunks) == 1
         if need_z and not whole:
             grad_z_prev = grad_z.new_empty(s, n, weight.shape[1])
@@ -135,7 +143,8 @@ class FusedDense(torch.autograd.Function):
             for rows in chunks:
                 g = grad_z if whole else grad_z[:, rows]
                 grad_a = (g.reshape(-1, g.shape[-1]) @ weight).view(s, -1, weight.shape[1]) if need_z else None
-                a_hat, g_prev = _activation_vjp(call, stored.rows(rows), None if mask is None else mask[rows],
+                a_hat, g_prev = _activation_vjp(call, stored.rows(rows),
+                                                stored.mask_rows(rows) if mask is None else mask[rows],
                                                 grad_a, need_a=chunked_w)
                 if need_z:
                     if whole:
@@ -159,15 +168,6 @@ def _linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if bias is not None:
         z[0] += bias
     return z
-
-
-def _chunks(n: int, row_elements: int, chunk_elements: int) -> list[slice]:
-    """Row slices of about `chunk_elements` elements each: the backward transient is one chunk,
-    not one layer. [slice(None)] when all `n` rows fit in one chunk (a small layer)."""
-    step = max(1, chunk_elements // max(1, row_elements))
-    if step >= n:
-        return [slice(None)]
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def _activation_vjp(call: BlockCall, z: torch.Tensor | None, mask: torch.Tensor | None,
@@ -194,64 +194,3 @@ def _activation_vjp(call: BlockCall, z: torch.Tensor | None, mask: torch.Tensor 
         return (a.detach() if need_a else None), grad_z
     a = compose_streams(z, derivs, spec) if need_a else None
     return a, compose_vjp(z, derivs, grad_a, spec, overwrite=True)  # grad_a is this chunk's own
-
-
-class DenseBlock(torch.nn.Module):
-    """One fused block: act(z_prev) W^T + b with a storage policy.
-
-    Args:
-        in_features, out_features: sizes of W (out, in).
-        activation: applied to the block's input (the previous layer's pre-activation);
-            "identity" for the first block of a network.
-        storage: an `AbstractStorage` instance owned by this block.
-        init: "xavier" (Glorot normal, for tanh/sin/identity) or "kaiming" (He normal, for ReLU/GELU).
-        generator: torch.Generator for the initialization (never the global RNG).
-        chunk_elements: backward works through the points in chunks of about this many
-            elements (S * rows * width), so the reconstruction and the recomputed
-            activation are a transient of one chunk rather than one layer.
-    """
-
-    def __init__(self, in_features: int, out_features: int, activation: str | Activation,
-                 storage: AbstractStorage, *, init: str = "xavier", generator: torch.Generator | None = None,
-                 chunk_elements: int = 2**20, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
-        super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
-        if not isinstance(storage, AbstractStorage):
-            raise TypeError(f"storage must be an AbstractStorage, got {type(storage).__name__}; "
-                            "build one with pinnsketch.nn.make_storage(name)")
-        self.in_features, self.out_features = in_features, out_features
-        self.chunk_elements = int(chunk_elements)
-        self.activation = get_activation(activation)
-        self.storage = storage
-        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
-        if init == "xavier":
-            std = math.sqrt(2.0 / (in_features + out_features))
-        elif init == "kaiming":
-            std = math.sqrt(2.0 / in_features)
-        else:
-            raise ValueError(f"init={init!r} is not one of 'xavier', 'kaiming'")
-        with torch.no_grad():
-            # drawn on the generator's device (the CPU for a model seed), then copied: the same
-            # weights on every device, and no generator/device mismatch under set_default_device
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            draw = torch.empty(out_features, in_features, dtype=self.weight.dtype, device=gen_device)
-            self.weight.copy_(draw.normal_(0.0, std, generator=generator))
-
-    def forward(self, z_prev: torch.Tensor, spec: JetSpec) -> torch.Tensor:
-        """z_prev (S, N, in) -> z (S, N, out)."""
-        if z_prev.dim() != 3 or z_prev.shape[0] != spec.size or z_prev.shape[2] != self.in_features:
-            raise ValueError(f"block input of shape {tuple(z_prev.shape)} does not match "
-                             f"(S={spec.size}, N, {self.in_features})")
-        if not torch.is_grad_enabled():
-            # No backward will run (evaluation, prediction): skip the storage policy, whose
-            # pack() updates persistent state (ema sketches, rank statistics) and costs a sketch.
-            return _linear(activation_jet(z_prev, self.activation, spec), self.weight, self.bias)
-        return FusedDense.apply(z_prev, self.weight, self.bias, BlockCall(self.activation, spec, self.storage,
-                                                                      self.chunk_elements))
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, activation={self.activation.name}"

@@ -16,7 +16,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .activations import get_activation
-from .fused import DenseBlock
+from .block import DenseBlock
+from .chain import ChainCall, ChainFunction, ChainStage
 from .jet import Jet, JetSpec
 from .memory import MemoryMeter
 from .policies import make_storages
@@ -71,11 +72,27 @@ class _BlockNetwork(torch.nn.Module):
 
     blocks: torch.nn.ModuleList
 
+    chunk_bytes: int | None = None
+
+    def _blocks(self) -> list[tuple[DenseBlock, bool]]:
+        """The network as a chain of (block, with a skip connection z + block(z))."""
+        return [(block, False) for block in self.blocks]
+
     def _stages(self) -> list[tuple[Stage, AbstractStorage]]:
         """The network as a chain of stages streams -> streams, with the policy of each."""
-        return [(block, block.storage) for block in self.blocks]
+        def residual(block):
+            return lambda z, spec: z + block(z, spec)
+
+        return [(residual(b) if skip else b, b.storage) for b, skip in self._blocks()]
 
     def _run(self, z: torch.Tensor, spec: JetSpec) -> torch.Tensor:
+        blocks = self._blocks()
+        if torch.is_grad_enabled() and all(b.storage.rows_capable and not isinstance(b.storage, CheckpointStorage)
+                                           for b, _ in blocks):
+            # one Function for the whole network, worked through in row chunks (pinnsketch.nn.chain)
+            call = ChainCall(tuple(ChainStage(b.call(spec), skip) for b, skip in blocks), self.chunk_bytes)
+            params = [t for b, _ in blocks for t in (b.weight, b.bias)]
+            return ChainFunction.apply(z, call, *params)
         stages = self._stages()
         i = 0
         while i < len(stages):
@@ -141,12 +158,16 @@ class MLP(_BlockNetwork):
         storage: see above; default "exact".
         seed: int or torch.Generator for the weights (Xavier normal for tanh/sin,
             Kaiming normal for ReLU/GELU; zero biases) and the storage seeds.
+        chunk_bytes: bytes per row-chunk tensor of the training step (None: the device's
+            default, `pinnsketch.nn.chunking`; one chunk per call on a GPU).
     """
 
     def __init__(self, in_features: int, out_features: int, width: int = 64, depth: int = 4,
                  activation: str = "tanh", storage: StorageArg = "exact", *, seed: int | torch.Generator = 0,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 chunk_bytes: int | None = None):
         super().__init__()
+        self.chunk_bytes = chunk_bytes
         _check_positive(in_features=in_features, out_features=out_features, width=width, depth=depth)
         self.in_features, self.out_features = in_features, out_features
         self.activation = get_activation(activation)
@@ -157,7 +178,7 @@ class MLP(_BlockNetwork):
         init = _init_for(self.activation.name)
         self.blocks = torch.nn.ModuleList(
             DenseBlock(sizes[i], sizes[i + 1], "identity" if i == 0 else self.activation, policies[i],
-                       init=init, generator=gen, dtype=dtype, device=device)
+                       init=init, generator=gen, dtype=dtype, device=device, chunk_bytes=chunk_bytes)
             for i in range(n_blocks)
         )
         self._value_spec = JetSpec(in_features)
@@ -197,13 +218,9 @@ class ResidualMLP(MLP):
     def _hidden_maps(depth: int) -> int:
         return depth + 1
 
-    def _stages(self):
-        def residual(block):
-            return lambda z, spec: z + block(z, spec)
-
+    def _blocks(self):
         blocks = list(self.blocks)
-        inner = [(residual(b), b.storage) for b in blocks[1:-1]]
-        return [(blocks[0], blocks[0].storage), *inner, (blocks[-1], blocks[-1].storage)]
+        return [(blocks[0], False), *((b, True) for b in blocks[1:-1]), (blocks[-1], False)]
 
 
 class CNN(_BlockNetwork):

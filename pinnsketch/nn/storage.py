@@ -21,6 +21,7 @@ The sketched policies live in their own modules: `projection`, `ema`,
 from __future__ import annotations
 
 import abc
+import bisect
 import copy
 import math
 from collections.abc import Callable
@@ -31,7 +32,7 @@ import torch
 
 from ..sketch import derive_seed
 
-__all__ = ["AbstractStorage", "Stored", "ExactStorage", "CheckpointStorage", "StorageError",
+__all__ = ["AbstractStorage", "Stored", "Packing", "ExactStorage", "CheckpointStorage", "StorageError",
            "encode_streams", "decode_streams", "check_finite_activation", "stored_bytes"]
 
 
@@ -53,14 +54,71 @@ class Stored:
 
     z: Callable[[slice], torch.Tensor] | None
     payload: dict[str, Any] = field(default_factory=dict)
+    mask: Callable[[slice], torch.Tensor] | None = None
 
     def rows(self, rows: slice) -> torch.Tensor | None:
         return None if self.z is None else self.z(rows)
+
+    def mask_rows(self, rows: slice) -> torch.Tensor | None:
+        """ReLU's exact mask z_prev[0, rows] > 0 (n, w) when the policy keeps it apart from z, else None."""
+        return None if self.mask is None else self.mask(rows)
 
     @staticmethod
     def of(z: torch.Tensor, **payload) -> "Stored":
         """Stored for a dense reconstruction z (S, N, w)."""
         return Stored(lambda rows: z[:, rows], dict(payload))
+
+
+class Packing(abc.ABC):
+    """One call's stored form of a block input z_prev (S, N, w), filled chunk by chunk of rows.
+
+    `pinnsketch.nn.chain` hands every row chunk of z_prev to `add` as soon as it is
+    computed, in order, then calls `finish` once; the chunk tensors may be kept
+    (they are not modified afterwards) but the policy must not hold any other
+    full-size tensor of its own.
+    """
+
+    @abc.abstractmethod
+    def add(self, rows: slice, z: torch.Tensor, a: torch.Tensor) -> None:
+        """Store rows `rows` of z_prev: z (S, n, w) and its activation a = act(z) (S, n, w)."""
+
+    @abc.abstractmethod
+    def finish(self) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """(tensors to save for backward, metadata for `AbstractStorage.unpack`)."""
+
+
+def _pieces_rows(pieces: list[tuple[int, torch.Tensor]]) -> Callable[[slice], torch.Tensor]:
+    """rows -> z[:, rows] from chunks [(start, z_chunk)]; a backward chunk is a forward chunk
+    (or lies within one) because forward and backward of a call use the same chunks."""
+    if len(pieces) == 1:
+        z = pieces[0][1]
+        return lambda rows: z[:, rows]
+    starts = [start for start, _ in pieces]
+
+    def rows_fn(rows: slice) -> torch.Tensor:
+        i = max(0, bisect.bisect_right(starts, rows.start) - 1)
+        start, z = pieces[i]
+        if rows.stop - start > z.shape[1]:
+            raise ValueError(f"rows {rows} span several stored chunks; backward must use the forward's chunks")
+        return z[:, rows.start - start:rows.stop - start]
+
+    return rows_fn
+
+
+class _ExactPacking(Packing):
+    """Keep the chunks of z_prev themselves (no copy: the chain computed them as separate tensors)."""
+
+    def __init__(self, policy: "ExactStorage"):
+        self.policy = policy
+        self.pieces: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, rows, z, a):
+        self.pieces.append((rows.start, z))
+
+    def finish(self):
+        tensors = tuple(z for _, z in self.pieces)
+        self.policy._note({"saved_bytes": stored_bytes(tensors)})
+        return tensors, tuple(start for start, _ in self.pieces)
 
 
 class AbstractStorage(torch.nn.Module, abc.ABC):
@@ -81,6 +139,9 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
 
     name: ClassVar[str]
     exact_z: ClassVar[bool] = False
+    #: True when the policy stores rows as they come (`begin`): the model may then run whole
+    #: chains of such blocks chunk by chunk (`pinnsketch.nn.chain`).
+    rows_capable: ClassVar[bool] = False
 
     def __init__(self):
         super().__init__()
@@ -115,6 +176,17 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def unpack(self, saved: tuple[torch.Tensor, ...], meta: Any, block) -> Stored:
         """Backward: rebuild what `weight_grad` and the derivative path need."""
+
+    def begin(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, block) -> Packing:
+        """Forward of a rows-capable policy: a `Packing` for an input of `shape` (S, N, w)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store rows as they come (rows_capable=False)")
+
+    def wants_sample(self, block, streams: int) -> bool:
+        """Whether `begin` needs `prepare` first, for a call with `streams` streams (default: no)."""
+        return False
+
+    def prepare(self, z_sample: torch.Tensor, block) -> None:
+        """Learn what `begin` needs from a sample of input rows z_sample (S, m, w) (see `wants_sample`)."""
 
     def weight_grad(self, grad_z: torch.Tensor, stored: Stored, block) -> torch.Tensor | None:
         """The whole grad_W (out, in) from grad_z (S, N, out), or None to accumulate chunks."""
@@ -211,13 +283,18 @@ class ExactStorage(AbstractStorage):
 
     name = "exact"
     exact_z = True
+    rows_capable = True
 
     def pack(self, z_prev, a, block):
-        self._note({"saved_bytes": stored_bytes([z_prev])})
-        return (z_prev,), None
+        packing = self.begin(tuple(z_prev.shape), z_prev.dtype, z_prev.device, block)
+        packing.add(slice(0, z_prev.shape[1]), z_prev, a)
+        return packing.finish()
+
+    def begin(self, shape, dtype, device, block):
+        return _ExactPacking(self)
 
     def unpack(self, saved, meta, block):
-        return Stored.of(saved[0])
+        return Stored(_pieces_rows(list(zip(meta, saved))))
 
 
 class CheckpointStorage(ExactStorage):
