@@ -80,14 +80,14 @@ def prepare_chain(stages: tuple[ChainStage, ...], z: torch.Tensor, params: list[
     call it gets that from a strided sample of at most `sample_rows` rows, run
     through the chain without storing anything.
     """
-    n = z.shape[1]
-    if not any(st.block.storage.wants_sample(st.block, z.shape[0]) for st in stages):
+    s, n, _ = z.shape
+    if not any(st.block.storage.wants_sample(st.block, s, params[2 * i].shape[1]) for i, st in enumerate(stages)):
         return
     stride = max(1, -(-n // sample_rows))
     with torch.no_grad():
         zs = z[:, ::stride]
         for i, st in enumerate(stages):
-            if st.block.storage.wants_sample(st.block, zs.shape[0]):
+            if st.block.storage.wants_sample(st.block, s, zs.shape[2]):
                 st.block.storage.prepare(zs, st.block)
             _, zs = _stage_forward(st, zs, params[2 * i], params[2 * i + 1])
 

@@ -1,124 +1,94 @@
 """The `lowrank` storage policy (the default sketched policy).
 
-Designed around the calibration run of DESIGN.md §3.4a and the measurements
-quoted below. Per block and per jet stream (value, u_x, u_t, u_xx, ...), the
-forward pass keeps
+What a block keeps of its input z_prev (S, N, w), per jet stream s (value,
+u_x, u_t, u_xx, ...), each stream on its own:
 
-1. a rank-r approximation U P^T of the **current** z_prev stream, found by a
-   randomized range finder (Halko, Martinsson & Tropp 2011): Y = z Omega^T for
-   a Gaussian Omega (k x w, k = 2r+1, regenerated from the per-step seed: fixed
-   within an optimizer step, new after `advance()`), Q = orth(Y), the top-r
-   right singular vectors P of Q^T z, and U = z P (kept in bfloat16 when a
-   residual follows: the residual absorbs the rounding). The block holds all
-   of z_prev when it packs it, so the single-pass three-sketch of Tropp et al.
-   is not needed here: the two-pass finder is more accurate at the same k, and
-   cheaper (no N-sized test matrices: Omega is k x w). A block with w <= 2k
-   (a 32-wide PINN) uses the exact top-r right singular vectors from the
-   Gram matrix z^T z instead, which costs no more there (N w^2 against 2 N w
-   k flops) and is deterministic;
-2. the **residual** z_prev - U P^T, quantized with one scale per point
+1. U_s = z_s P_s (N x r, bfloat16 when a residual follows) on a basis P_s
+   (w x r) of the stream's top right singular vectors;
+2. the residual z_s - U_s P_s^T quantized with one scale per point
    (`codecs.IntCodec`): int4 by default, int8 for the value stream of a jet
-   through a smooth activation (its errors are multiplied by f''(z_0) u_x and
-   f'''(z_0) u_x^2 on the derivative path). This bounds the error where low
-   rank alone cannot: |error| <= max|residual row| / 254 (int8) or / 14 (int4);
-3. the reconstruction z_hat = U P^T + residual_hat feeds both the weight
-   gradient and the nonlinearity's derivative path.
+   through a smooth activation, whose errors the derivative path multiplies by
+   f''(z_0) u_x and f'''(z_0) u_x^2. |error| <= max|residual row| / 14 (int4)
+   or / 254 (int8): the residual bounds the error where low rank alone cannot
+   (a few shock points carry much of a PINN's gradient);
+3. for ReLU, the exact 1-bit mask of z_0 > 0, so its derivative path is exact.
+Backward reconstructs z_hat = U P^T + residual chunk by chunk of rows; z_hat
+feeds the weight gradient and the derivative path.
 
-Every stream is handled on its own (its own P and quantization scales: the
-§3.4a normalization); the streams of a block are processed in one batch.
+**Rows as they come.** A block encodes its input rows as the chained forward
+produces them (`pinnsketch.nn.chain`), so the basis must exist before the
+first row arrives. It comes from the previous step: every measured call adds
+the Gram matrix z_s^T z_s of (a strided sample of at most `GRAM_ROWS` of) its
+rows, and `advance()` turns it into the next step's basis by one subspace
+iteration with Rayleigh-Ritz, warm-started from the current basis (Halko,
+Martinsson & Tropp 2011, Alg. 4.3); a call shape seen for the first time gets
+its basis from a sample of rows run through the chain beforehand (`prepare`).
+The basis is fixed within a step, so L-BFGS re-evaluations see the same
+compression; the residual absorbs whatever the one-step-old basis misses,
+and the measured error (below) says how much that is. No N-sized random test
+matrix is drawn.
 
-Accuracy control: each block targets the relative error of **its weight
-gradient** (`target`, default 1e-2), and, for jets through a smooth
+**Never worse than exact.** A call whose compressed form would not be smaller
+than z_prev (a narrow coordinate input, a handful of rows, full rank with int8
+codes) is stored exactly, and so is a block in exact fallback.
+
+**Accuracy control.** Each block targets the relative error of *its weight
+gradient* (`target`, default 1e-2), and, for jets through a smooth
 activation, the error its reconstruction sends down the derivative path.
 
-* The first call of each size in a step, and every audited call, measures the
-  exact relative reconstruction error of z_prev (max over streams and over
-  the calls of one step; the many L-BFGS evaluations of one step skip it),
-  and the singular values tell how much the residual would shrink or grow
-  at rank 2r or r/2.
+* The first call of each shape in a step, and every audited call, measures
+  the relative reconstruction error of z_prev (max over streams and calls).
 * Audits (one block per step, round robin, every `audit_every` steps) also
-  save Y_a = (a - a_hat) Omega_a^T, (S, N, q) in bfloat16 with a Gaussian
-  Omega_a (q x w), q = `audit_size`: backward forms sum_s g_s^T Y_a,s, a
-  Johnson-Lindenstrauss sketch of the weight-gradient error sum_s g_s^T
-  (a_s - a_hat_s) (out x w). Its squared norm is an unbiased estimate of the
-  squared error norm, with relative standard deviation at most sqrt(2/q) (0.5
-  at q = 8, i.e. about +-25% on the norm, less when the error matrix has more
-  than one significant direction), for q/w of the block's exact memory at 2
-  bytes: 1/16 of the block at q = 8, w = 32 and S = any; far less for wide
-  blocks. kappa = gradient error / reconstruction error.
-  Why not keep a random subset of m exact rows and estimate the error from two
-  halves: the weight-gradient error is a sum over all N points that cancels
-  (§3.4a), and a row sample estimates such a sum with relative standard
-  deviation of order sqrt(N/m) / sqrt(out * w); an unbiased estimate good to
-  +-25% would need m ~ N / sqrt(out * w) exact rows of w values (6% of a
-  32-wide block), against q = 8 values per row here, and it could not see a
-  few shock points that carry much of the gradient. The sketch keeps every
-  row, so the contraction with g is exact and only the w-dimension is
-  compressed, which a Gaussian sketch does without bias.
-* The same audit measures, for free, the per-point spread of the gradient:
-  A = sqrt(sum_i ||x_i||^2) / ||sum_i x_i|| with x_i = sum_s g_s,i a_s,i^T
-  the point's contribution. A is the factor by which an error that does not
-  cancel across points (rounding) is amplified relative to the gradient,
-  which does; it grows as training converges (Burgers: 4 to 15 through the
-  L-BFGS phase, while the coherent ratio sum_i ||x_i|| / ||sum_i x_i||, the
-  cancellation of §3.4a, grew from 75 to 280).
-* What the audits cannot see directly is the derivative path: block l's
-  reconstruction error changes grad_z_prev, and that perturbation reaches the
-  weight gradients of all earlier blocks, where it is amplified by A.
-  Measured on the Burgers solver's default network (tanh 2-32x4-1, 7,000
-  points, exact training stopped in its L-BFGS phase): with the old control,
-  which looked only at each block's own weight gradient, the rank fell to 4
-  and the first layer's weight gradient was 16% off (total 3.4%), 95% of it
-  from the derivative path; a reconstruction error of about 3e-4 in every
-  block brought it to 2% (total 3e-3). So jets through a smooth activation
-  also hold the reconstruction error below target / (`path_gain` x A). At the
-  same point path_gain = 8 gave a first-layer error of 1.2e-2 (total 1.9e-3),
-  path_gain = 16 1.6e-3 (total 2e-4). The model error ~ A x reconstruction
-  error is calibrated there; deeper into L-BFGS it under-predicts (at 1e-4 loss,
-  A = 15: reconstruction 1e-5, first layer 1.2e-2, total 2.6e-3, whatever the
-  gain), and int8 codes at full rank are then the finest compressed form.
-  Default solver runs (Burgers, seed 0, 10,000 steps, relative L2): exact
-  2.46e-3; path_gain 8 3.83e-3 (1.56x) at 0.56 of exact's peak saved bytes,
-  path_gain 16 2.63e-3 (1.07x) at 0.64; hence 16. Wide blocks (width 256) see
-  A < 1 and stay where the weight-gradient target puts them.
-* After every step (`advance()`), the worst of predicted gradient error /
-  target (predicted = kappa x reconstruction error) and reconstruction error
-  / path target decides: above 1, of "double the rank" and "int4 -> int8"
-  (bytes per row: 2r against w/2, predicted effect: the residual's shrinkage
-  from the singular values, or 1/18 for int8's finer step) the one with the
-  best predicted reduction per byte, unless one no dearer is predicted to
-  reach half the target alone; when neither is available for `patience` consecutive
-  steps the block falls back to exact storage (recorded in `events`). Below
-  1/4 for `patience` consecutive steps: the change that saves the most bytes
-  while its predicted error stays below 1/2. A block in exact fallback keeps
-  compressing on its audit steps and returns to compression when that
-  predicts below 1/2.
+  keep Y_a = (a - a_hat) Omega_a^T, (S, N, q) in bfloat16, q = `audit_size`:
+  backward forms sum_s g_s^T Y_a,s, a Johnson-Lindenstrauss sketch of the
+  weight-gradient error whose squared norm estimates the squared error norm
+  without bias (relative standard deviation at most sqrt(2/q)). kappa =
+  gradient error / reconstruction error. A row sample could not do this: the
+  error is a sum over all points that cancels, and a few points carry much of
+  it; the sketch keeps every row and compresses only the width.
+* The same audit measures the per-point spread A = sqrt(sum_i ||x_i||^2) /
+  ||sum_i x_i|| of the gradient (x_i = sum_s g_s,i a_s,i^T): the factor by
+  which an error that does not cancel across points is amplified relative to
+  the gradient, which does. A block's reconstruction error also perturbs the
+  gradients of all earlier blocks through the derivative path, amplified by
+  A; so jets through a smooth activation hold the reconstruction error below
+  target / (`path_gain` x A). path_gain = 16 was chosen on Burgers' default
+  run (relative L2 within 1.07x of exact; 8 gave 1.56x).
+* After every step (`advance()`) the worst of predicted gradient error /
+  target (predicted = kappa x reconstruction error) and reconstruction error /
+  path target decides: above 1, of "double the rank" and "int4 -> int8" the
+  change with the best predicted reduction per stored byte (the rank's effect
+  predicted from the basis' Ritz values); with neither available for
+  `patience` steps, exact fallback (recorded in `events`); below 1/4 for
+  `patience` steps, the change that saves the most bytes while staying below
+  1/2. A block in fallback keeps measuring on its audit steps and returns to
+  compression when that predicts below 1/2.
+* Mini-batch training (`noise_fraction`): a shuffled batch's gradient has
+  relative sampling noise sigma (measured by the same audit); an error eps
+  that behaves like noise costs eps^2 / sigma^2 of the batch, so the target
+  becomes max(target, noise_fraction x sigma). Full-batch PINN training
+  leaves it off (None).
 
-Mini-batch training (`noise_fraction`): the gradient of a shuffled
-mini-batch is itself a noisy estimate, with relative sampling noise
-sigma = sqrt(N/(N-1) (sum_i ||x_i||^2 - ||sum_i x_i||^2 / N)) / ||sum_i x_i||,
-measured by the same audit. A compression error that behaves like independent
-noise of relative size eps adds eps^2 / sigma^2 to the gradient's variance,
-i.e. it costs the same as shrinking the batch by that fraction; so with
-`noise_fraction` = f the target becomes max(target, f sigma) (f = 0.25: at
-most ~6% of the batch). Full-batch PINN training has no such noise and
-leaves it off (None, the default); `pinnsketch.data.make_classifier` turns it
-on for classifiers.
+**Synchronization.** Measurements stay on the device during the step; the
+controller reads them once, in `advance()`. Nothing in the forward or
+backward pass waits for the device (on the CPU a non-finite activation is
+reported at once; elsewhere at `advance()`).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import math
 
 import torch
 
+
 from ..sketch import make_operator
-from ..sketch.operators import OPERATORS
-from ..sketch.three_sketch import SIZINGS
 from .activations import Identity, ReLU
-from .codecs import IntCodec
-from .storage import AbstractStorage, Stored, StorageError, check_finite_activation, stored_bytes
+from .codecs import IntCodec, pack_mask, unpack_mask
+from .storage import (AbstractStorage, Packing, Stored, StorageError, _ExactPacking, _pieces_rows,
+                      check_finite_activation, stored_bytes)
 
 __all__ = ["LowRankStorage"]
 
@@ -157,8 +127,6 @@ class LowRankStorage(AbstractStorage):
             uses `residual`.
         adaptive: adapt rank/bits/fallback to `target` (False: keep what is given, no audits).
         initial_rank, r_min, r_max: rank bounds (each clamped to the block's width).
-        operator: test operator Omega of the range finder ("gaussian" | "sparse" | "srft").
-        sizing: range-finder size, "default" (k = 2r+1) or "tropp" (k = 4r+1).
         audit_every: steps between audits (one block each, round robin); 0 disables.
         audit_size: q, columns of the audit's Gaussian sketch.
         path_gain: jets through a smooth activation hold their reconstruction error below
@@ -171,12 +139,12 @@ class LowRankStorage(AbstractStorage):
     """
 
     name = "lowrank"
+    rows_capable = True
     _KEEP_AUDITS = 64
 
     def __init__(self, target: float = 1e-2, *, rank: int | None = None, residual: str | None = "int4",
                  value_residual: str | None = "int8", adaptive: bool = True, initial_rank: int = 8,
-                 r_min: int = 4, r_max: int = 32, operator: str = "gaussian", sizing: str = "default",
-                 audit_every: int = 1, audit_size: int = 8, path_gain: float | None = 16.0,
+                 r_min: int = 4, r_max: int = 32, audit_every: int = 1, audit_size: int = 8, path_gain: float | None = 16.0,
                  noise_fraction: float | None = None, patience: int = 3, group: int | None = None):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
@@ -194,16 +162,12 @@ class LowRankStorage(AbstractStorage):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not value > 0):
                 raise StorageError(f"{name}={value!r} must be a positive float or None")
-        if operator not in OPERATORS:
-            raise StorageError(f"operator={operator!r} is not one of {sorted(OPERATORS)}")
-        if sizing not in SIZINGS:
-            raise StorageError(f"sizing={sizing!r} is not one of {sorted(SIZINGS)}")
         if isinstance(audit_every, bool) or not isinstance(audit_every, int) or audit_every < 0:
             raise StorageError(f"audit_every={audit_every!r} must be an int >= 0 (0 disables audits)")
         IntCodec(4, group)      # validates `group`
         self.target, self.fixed_rank, self.adaptive = float(target), rank, bool(adaptive)
         self.initial_rank, self.r_min, self.r_max = initial_rank, r_min, r_max
-        self.operator, self.sizing, self.group = operator, sizing, group
+        self.group = group
         self.audit_every, self.audit_size, self.patience = audit_every, audit_size, patience
         self.path_gain = None if path_gain is None else float(path_gain)
         self.noise_fraction = None if noise_fraction is None else float(noise_fraction)
@@ -226,6 +190,9 @@ class LowRankStorage(AbstractStorage):
         self.audits: list[dict] = []      # the latest `_KEEP_AUDITS` audits
         self.audit_count = 0
         self.events: list[dict] = []
+        self._bases: dict[tuple[int, int], _Basis] = {}     # (streams, width) -> tracked subspace
+        self._pending_calls: list[_Measure] = []            # device-side measurements of this step
+        self._pending_audits: list[tuple] = []
 
     # -- configuration state --------------------------------------------------------
     @property
@@ -274,9 +241,6 @@ class LowRankStorage(AbstractStorage):
     def _codec(self, bits: int | None) -> IntCodec | None:
         return None if bits is None else IntCodec(bits, self.group)
 
-    def _k(self, r: int, w: int, n: int) -> int:
-        return min(2 * r + 1 if self.sizing == "default" else 4 * r + 1, w, n)
-
     def _compressed_bytes(self, s: int, n: int, w: int, r: int, dtype: torch.dtype, smooth: bool = True) -> int:
         size = torch.finfo(dtype).bits // 8
         total = 0
@@ -288,165 +252,99 @@ class LowRankStorage(AbstractStorage):
         return total
 
     # -- forward -------------------------------------------------------------------------
+    def _exact_bytes(self, s: int, n: int, w: int, dtype: torch.dtype) -> int:
+        return s * n * w * (torch.finfo(dtype).bits // 8)
+
+    def _stores_exactly(self, s: int, n: int, w: int, dtype: torch.dtype, smooth: bool) -> str | None:
+        """Why a call of shape (s, n, w) is stored exactly, or None when it is compressed.
+
+        A block so narrow that even rank 1 would not save half its memory (a PINN's coordinate
+        input, w = d, or a call with a handful of rows) is stored exactly; so is a call whose
+        compressed form at the current rank and bits would not be smaller than z_prev itself
+        (never worse than exact).
+        """
+        exact = self._exact_bytes(s, n, w, dtype)
+        if 2 * self._compressed_bytes(s, n, w, 1, dtype, smooth) > exact:
+            return "exact (narrow)"
+        if self._rank is not None and not self.exact:
+            if self._compressed_bytes(s, n, w, min(self._rank, n, w), dtype, smooth) >= exact:
+                return "exact (no saving)"
+        return None
+
+    def wants_sample(self, block, streams, width):
+        if (streams, width) in self._bases:
+            return False
+        return self._stores_exactly(streams, 1 << 20, width, torch.float32, not block.piecewise_linear) is None
+
+    def prepare(self, z_sample, block):
+        """Initial basis of a call shape (S, w): the top eigenvectors of the sample's Gram matrix."""
+        s, _, w = z_sample.shape
+        check_finite_activation(z_sample, self.layer, self.name)       # once per call shape
+        if self._rank is None:
+            self._start(w)
+        gram = z_sample.mT @ z_sample                                           # (S, w, w)
+        self._bases[(s, w)] = _Basis.from_gram(gram, self._basis_size(w))
+
+    def _basis_size(self, w: int) -> int:
+        """Columns of the tracked subspace: 2r, so that the energy at rank 2r is known."""
+        return min(w, 2 * self._rank)
+
     def pack(self, z_prev, a, block):
         s, n, w = z_prev.shape
+        if self.wants_sample(block, s, w):
+            self.prepare(z_prev, block)
+        packing = self.begin(tuple(z_prev.shape), z_prev.dtype, z_prev.device, block)
+        packing.add(slice(0, n), z_prev, a)
+        return packing.finish()
+
+    def begin(self, shape, dtype, device, block):
+        s, n, w = shape
         smooth = not block.piecewise_linear
-        # A block so narrow that even rank 1 would not save half its memory (a PINN's
-        # coordinate input, w = d) is stored exactly, whatever the rank settings.
-        if 2 * self._compressed_bytes(s, n, w, 1, z_prev.dtype, smooth) > z_prev.numel() * z_prev.element_size():
-            check_finite_activation(z_prev, self.layer, self.name)
-            self._note({"rank": None, "mode": "exact (narrow)", "saved_bytes": stored_bytes([z_prev])})
-            return (z_prev,), ("exact",)
+        why = self._stores_exactly(s, n, w, dtype, smooth)
+        if why is not None:
+            return _ExactRows(self, why, block)
         if self._rank is None:
             self._start(w)
         self._path = self._path or (s > 1 and smooth)
         audit = self._is_audit()
         if self.exact and not audit:
-            check_finite_activation(z_prev, self.layer, self.name)
-            self._note({"rank": None, "mode": "exact (fallback)", "saved_bytes": stored_bytes([z_prev])})
-            return (z_prev,), ("exact",)
-        r = min(self._rank, n, w)                     # a call with fewer rows than the rank
-        bits = tuple(self._stream_bits(i, s, smooth) for i in range(s))
+            return _ExactRows(self, "exact (fallback)", block)
+        basis = self._bases.get((s, w))
+        if basis is None:
+            raise StorageError(f"layer {self.layer}: lowrank has no basis for calls of {s} streams and width {w}; "
+                               "call prepare(z_sample) first (pinnsketch.nn.chain does this)")
         # Errors are measured once per step and call size (L-BFGS re-evaluates a step many times
         # at nearby weights), and on every audited call (its kappa needs that call's error).
         measure = audit or (s, n) not in self._step_measured
-        parts, err, low_err, tail, decoded = self._compress(z_prev, r, bits, measure, keep_decoded=audit)
         if measure:
             self._step_measured.add((s, n))
-            # A step may call the network several times (residual points, boundary points):
-            # the controller sees the worst reconstruction of the step.
-            self._step_recon = max(self._step_recon or 0.0, err)
-            self.recon_error = self._step_recon
-            self.sketch_error = low_err
-            if n >= self._rank:                           # full-size calls tell what a rank change does
-                for key, value in tail.items():
-                    self._step_tail[key] = max(self._step_tail.get(key, 0.0), value)
-        layout = (s, n, w, r, bits)
-        info = {"rank": r, "mode": "exact (fallback)" if self.exact else self._mode(bits),
-                "error_estimate": self.sketch_error, "reconstruction_error": self._step_recon,
-                "saved_bytes": stored_bytes(parts)}
-        meta = ("lowrank", layout, audit, self.exact, err)
-        if not audit:
-            self._note(info)
-            return tuple(parts), meta
-        # the audit rebuilds z_hat from the residual decoded while measuring, not from the codes again
-        y = self._audit_sketch(z_prev, a, _rows_fn(parts, layout, self.group, decoded), block)
-        # fallback: train on the exact z_prev, estimate what compression would cost
-        saved = (z_prev, y) if self.exact else (*parts, y)
-        self._note({**info, "saved_bytes": stored_bytes(saved)})
-        return saved, meta
+        r = min(self._rank, n, w, basis.q.shape[-1])       # a call with fewer rows than the rank
+        bits = tuple(self._stream_bits(i, s, smooth) for i in range(s))
+        return _LowRankPacking(self, block, shape, dtype, device, basis, r, bits, measure, audit)
 
     @staticmethod
     def _mode(bits) -> str:
         names = sorted({f"int{b}" for b in bits if b is not None})
         return "lowrank" + "".join(f"+{n}" for n in names)
 
-    def _compress(self, z: torch.Tensor, r: int, bits: tuple, measure: bool = True, keep_decoded: bool = False):
-        """Low-rank part + residual codes of every stream of z (S, N, w).
-
-        Returns (parts, relative error of z_hat (max over streams), relative error of the low-rank
-        part alone (max over streams), predicted residual factors {"up": rank 2r, "down": rank r/2},
-        decoded); the errors and factors are nan / {} when not `measure`.
-        parts: U (S, N, r), P (S, w, r), then per group of streams with equal bits: codes, scales.
-        decoded: with `keep_decoded` (and `measure`), the decoded residual of each coded group,
-        [(G, N, w)], exactly what decoding its codes gives (for `_rows_fn`); else None.
-        """
-        s, n, w = z.shape
-        norms = torch.linalg.vector_norm(z, dim=(1, 2))                       # (S,)
-        if not all(map(math.isfinite, norms.tolist())):                     # one small copy, no extra ops
-            check_finite_activation(z, self.layer, self.name)                 # raises with a clear message
-        k = self._k(r, w, n)
-        if w <= 2 * k:
-            # Narrow block: the Gram matrix z^T z (N w^2 flops) costs no more than the range finder
-            # (2 N w k) and gives the exact top-r right singular vectors, deterministically.
-            gram = (z.mT @ z).to(torch.float64)                                # (S, w, w)
-            evals, evecs = torch.linalg.eigh(gram)                            # ascending
-            p = evecs.flip(-1)[:, :, :r].to(z.dtype).contiguous()             # (S, w, r)
-            sv2 = evals.flip(-1).clamp_min(0)                                 # (S, w) squared singular values
-        else:
-            omega = make_operator(self.operator, k, w, seed=self.step_seed("range"), dtype=z.dtype,
-                                  device=z.device)
-            y = omega.apply_right(z.reshape(s * n, w)).view(s, n, k)
-            q, _ = torch.linalg.qr(y)                                        # (S, N, k)
-            sv = torch.linalg.svd(q.mT @ z, full_matrices=False)             # B = Q^T z, (S, k, w)
-            p = sv.Vh[:, :r].mT.contiguous()                                 # (S, w, r)
-            sv2 = sv.S.square()
-        u = z @ p                                                            # (S, N, r)
-        factors = {}
-        if measure:
-            # residual energy at ranks r, 2r, r/2 from the (estimated) singular values, in one pass
-            energy = norms.square().to(sv2.dtype)
-            captured = sv2.cumsum(dim=1)
-            names = [name for name, ok in (("up", 2 * r <= sv2.shape[1]), ("down", r // 2 >= 1)) if ok]
-            cols = [r - 1] + [2 * r - 1 if name == "up" else r // 2 - 1 for name in names]
-            tails = (energy[:, None] - captured[:, cols]).clamp_min(0).sqrt()      # (S, 1 + len(names))
-            base = tails[:, 0].clamp_min(1e-30 * float(norms.max().clamp_min(1e-30)))
-            factors = dict(zip(names, (tails[:, 1:] / base[:, None]).amax(dim=0).tolist()))
-        coded = any(b is not None for b in bits)
-        if coded and u.dtype == torch.float32:
-            u = u.to(torch.bfloat16)                                          # the residual absorbs the rounding
-        low = u.to(z.dtype) @ p.mT                                           # (S, N, w)
-        residual = torch.sub(z, low, out=low)                                 # z - U P^T, in place
-        low_norms = torch.linalg.vector_norm(residual, dim=(1, 2)) if measure else None      # (S,)
-        parts = [u, p]
-        decoded = [] if keep_decoded and measure else None
-        for b, streams in _groups(bits):
-            if b is None:
-                continue
-            codec = self._codec(b)
-            sub = residual[streams]                                           # (G, N, w)
-            if not measure:
-                parts += codec.encode(sub.reshape(-1, w))
-                continue
-            codes, sub_hat = codec.encode_decode(sub.reshape(-1, w))
-            parts += codes
-            if decoded is not None:
-                decoded.append(sub_hat.view(sub.shape))
-            # the residual is coded: overwrite it with the coding error z - z_hat of these streams
-            # (uncoded streams' error is the residual itself), then measure all streams at once
-            torch.sub(sub, sub_hat.view(sub.shape), out=sub)
-        if not measure:
-            return parts, math.nan, math.nan, factors, decoded
-        # relative errors of z_hat and of U P^T alone, max over streams (one sync for both)
-        safe = torch.where(norms > 0, norms, 1.0)
-        errors = torch.stack([torch.linalg.vector_norm(residual, dim=(1, 2)), low_norms]) / safe
-        err, low_err = errors.amax(dim=1).tolist()
-        return parts, err, low_err, factors, decoded
-
-    def _audit_sketch(self, z, a, rows, block) -> torch.Tensor:
-        """Y_a = (a - a_hat) Omega_a^T, (S, N, q), computed chunk by chunk over the points."""
-        s, n, w = z.shape
-        omega = make_operator("gaussian", self.audit_size, w, seed=self.step_seed("audit"), dtype=z.dtype,
-                              device=z.device)
-        store = torch.bfloat16 if z.dtype == torch.float32 else z.dtype
-        y = torch.empty(s, n, self.audit_size, dtype=store, device=z.device)
-        step = max(1, 2**16 // (s * w))
-        for start in range(0, n, step):
-            r = slice(start, min(n, start + step))
-            z_hat = rows(r)
-            if isinstance(block.activation, ReLU):
-                a_hat = z_hat * (z[0, r] > 0)
-            elif isinstance(block.activation, Identity):
-                a_hat = z_hat
-            else:
-                a_hat = block.jet(z_hat)
-            y[:, r].copy_(omega.apply_right((a[:, r] - a_hat).reshape(-1, w)).view(s, -1, self.audit_size))
-        return y
-
     # -- backward ------------------------------------------------------------------------
     def unpack(self, saved, meta, block):
-        if meta[0] == "exact":
-            return Stored.of(saved[0])
-        _, layout, audit, fallback, recon = meta
+        kind = meta[0]
+        if kind == "exact":
+            return Stored(_pieces_rows(list(zip(meta[1], saved))))
+        _, layout, audit, fallback, n_pieces, measured = meta
         payload = {}
         if audit:
-            payload = {"audit_y": saved[-1], "audit_acc": None, "spread": 0.0, "recon": recon,
+            payload = {"audit_y": saved[-1], "audit_acc": None, "spread": None, "measured": measured,
                        "points": layout[1], "streams": layout[0]}
+            saved = saved[:-1]
         if fallback:
-            z = saved[0]
-            return Stored(lambda r: z[:, r], payload)
-        parts = saved[:-1] if audit else saved
-        return Stored(_rows_fn(parts, layout, self.group), payload)
+            return Stored(_pieces_rows(list(zip(layout[5], saved))), payload)
+        mask = None
+        if n_pieces:
+            mask_bits, saved = saved[-1], saved[:-1]
+            mask = _mask_rows_fn(mask_bits, layout[2])
+        return Stored(_rows_fn(saved, layout, self.group), payload, mask)
 
     def weight_grad_chunk(self, grad_z, a, stored, rows, block):
         if "audit_y" in stored.payload:
@@ -460,19 +358,61 @@ class LowRankStorage(AbstractStorage):
                 sq = (grad_z[0].square().sum(1) * a[0].square().sum(1)).sum()
             else:
                 sq = (torch.einsum("sno,tno->nst", grad_z, grad_z) * torch.einsum("snw,tnw->nst", a, a)).sum()
-            stored.payload["spread"] += float(sq)
+            spread = stored.payload["spread"]
+            stored.payload["spread"] = sq if spread is None else spread + sq
         return super().weight_grad_chunk(grad_z, a, stored, rows, block)
 
     def finish_backward(self, stored, grad_w, block):
         acc = stored.payload.get("audit_acc")
         if acc is not None:
-            norm = float(torch.linalg.norm(grad_w))
-            err = float(torch.linalg.norm(acc)) / norm if norm > 0 else 0.0
-            spread, n = stored.payload["spread"], stored.payload["points"]
-            amp = math.sqrt(spread) / norm if norm > 0 else None
-            noise = (math.sqrt(max(spread - norm ** 2 / n, 0.0) * n / (n - 1)) / norm
-                     if norm > 0 and n > 1 else None)
-            self._record_audit(err, stored.payload["recon"], amp, noise, stored.payload["streams"])
+            # read on the host at advance(): no device sync inside the backward pass
+            p = stored.payload
+            spread = p["spread"] if p["spread"] is not None else torch.zeros((), device=acc.device)
+            self._pending_audits.append((torch.linalg.norm(acc), torch.linalg.norm(grad_w), spread,
+                                         p["measured"], p["points"], p["streams"]))
+
+    def _resolve_pending(self) -> None:
+        """Read the step's measurements on the host (one transfer) and feed them to the controller."""
+        calls, audits = self._pending_calls, self._pending_audits
+        if not calls and not audits:
+            return
+        values = torch.cat([torch.cat([c.norm_sq, c.low_sq, c.err_sq]) for c in calls]
+                           + [torch.stack(a[:3]).to(torch.float64) for a in audits]).tolist()
+        pos = 0
+        for c in calls:
+            s = c.shape[0]
+            norm_sq, low_sq, err_sq = (values[pos + i * s:pos + (i + 1) * s] for i in range(3))
+            pos += 3 * s
+            if not all(map(math.isfinite, norm_sq)):
+                raise StorageError(
+                    f"layer {self.layer}: non-finite activations (NaN or inf) reached the 'lowrank' storage, "
+                    "which would corrupt every reconstructed entry; the training diverged or the inputs hold "
+                    "NaN/inf. Lower the learning rate, check the inputs, or use storage='exact' to debug")
+            c.recon = max((math.sqrt(e / v) if v > 0 else 0.0) for e, v in zip(err_sq, norm_sq))
+            # A step may call the network several times (residual points, boundary points):
+            # the controller sees the worst reconstruction of the step.
+            self._step_recon = max(self._step_recon or 0.0, c.recon)
+            self.recon_error = self._step_recon
+            self.sketch_error = max((math.sqrt(e / v) if v > 0 else 0.0) for e, v in zip(low_sq, norm_sq))
+        for _, _, _, measure, n, streams in audits:
+            acc_norm, grad_norm, spread = values[pos:pos + 3]
+            pos += 3
+            err = acc_norm / grad_norm if grad_norm > 0 else 0.0
+            amp = math.sqrt(spread) / grad_norm if grad_norm > 0 else None
+            noise = (math.sqrt(max(spread - grad_norm ** 2 / n, 0.0) * n / (n - 1)) / grad_norm
+                     if grad_norm > 0 and n > 1 else None)
+            self._record_audit(err, measure.recon, amp, noise, streams)
+        self._pending_calls, self._pending_audits = [], []
+
+    def _update_bases(self) -> None:
+        """Next step's bases from this step's Gram matrices; residual factors at ranks 2r and r/2."""
+        for (_, w), basis in self._bases.items():
+            if basis.gram is None:
+                continue
+            basis.update(self._basis_size(w))
+            if self._rank is not None:
+                for name, value in basis.tail_factors(min(self._rank, basis.q.shape[-1])).items():
+                    self._step_tail[name] = max(self._step_tail.get(name, 0.0), value)
 
     # -- control -------------------------------------------------------------------
     def _record_audit(self, grad_error: float, recon_error: float, amp: float | None, noise: float | None,
@@ -532,6 +472,10 @@ class LowRankStorage(AbstractStorage):
         return ratio
 
     def advance(self) -> None:
+        # the one host-device synchronization of the policy per step: the controller reads
+        # the step's measurements here, never inside the forward or backward pass
+        self._resolve_pending()
+        self._update_bases()
         if self._controlled and self._rank is not None:
             self._control()
         self._step_recon = None
@@ -621,7 +565,10 @@ class LowRankStorage(AbstractStorage):
         return sorted(self.events, key=lambda e: e["step"])
 
     def report(self):
-        return {**super().report(), "target": self.target, "effective_target": self.effective_target(),
+        self._resolve_pending()
+        compressed = self.last.get("mode", "").startswith("lowrank") or self.last.get("mode") == "exact (fallback)"
+        errors = {"error_estimate": self.sketch_error, "reconstruction_error": self.recon_error} if compressed else {}
+        return {**super().report(), **errors, "target": self.target, "effective_target": self.effective_target(),
                 "bits": self.bits, "value_bits": self.value_bits, "kappa": self.kappa,
                 "amplification": self.amplification, "noise": self.noise,
                 "predicted_grad_error": self.predicted_error(), "path_target": self.path_target(),
@@ -632,9 +579,12 @@ class LowRankStorage(AbstractStorage):
               "events")
 
     def get_extra_state(self):
+        self._resolve_pending()      # measurements of the current step: the same values, read now
         state = super().get_extra_state()
-        # plain values, so any HDF5/JSON writer can store them
+        # plain values and tensors, so any HDF5/JSON writer can store them
         state["lowrank"] = copy.deepcopy({k: getattr(self, k) for k in self._STATE})
+        state["lowrank"]["_step_measured"] = sorted(list(m) for m in self._step_measured)
+        state["lowrank"]["bases"] = {repr(key): b.state() for key, b in self._bases.items()}
         return state
 
     def set_extra_state(self, state):
@@ -643,6 +593,220 @@ class LowRankStorage(AbstractStorage):
         for k, v in saved.items():
             if k in self._STATE:
                 setattr(self, k, v)
+        self._step_measured = {tuple(m) for m in saved.get("_step_measured", [])}
+        self._bases = {ast.literal_eval(key): _Basis.from_state(b) for key, b in saved.get("bases", {}).items()}
+        self._pending_calls, self._pending_audits = [], []
+
+
+#: Rows per call that feed the basis' Gram matrix (a strided sample of larger calls).
+GRAM_ROWS = 8192
+
+
+class _Measure:
+    """Device-side sums of squares of one measured call, per stream (S,): read at `advance()`."""
+
+    __slots__ = ("shape", "norm_sq", "low_sq", "err_sq", "recon")
+
+    def __init__(self, shape, device):
+        self.shape = shape
+        self.norm_sq, self.low_sq, self.err_sq = (torch.zeros(shape[0], dtype=torch.float64, device=device)
+                                                  for _ in range(3))
+        self.recon: float | None = None
+
+
+class _Basis:
+    """The tracked top right-singular subspace of one call shape (S streams, width w).
+
+    q (S, w, k): orthonormal columns ordered by decreasing energy; it encodes the next
+    step's calls. gram (S, w, w): the sampled Gram matrix z^T z accumulated over the
+    current step's measured calls; `update` turns it into the next q by one subspace
+    iteration with Rayleigh-Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.3 with q = 1,
+    warm-started from the previous basis), or by a full eigendecomposition when the
+    subspace is a large part of the width or changes size.
+    """
+
+    def __init__(self, q: torch.Tensor, evals: torch.Tensor, energy: torch.Tensor):
+        self.q, self.evals, self.energy = q, evals, energy
+        self.gram: torch.Tensor | None = None
+
+    @staticmethod
+    def from_gram(gram: torch.Tensor, k: int) -> "_Basis":
+        g = gram.to(torch.float64)
+        evals, evecs = torch.linalg.eigh(g)                                  # ascending
+        return _Basis(evecs.flip(-1)[..., :k].to(gram.dtype).contiguous(), evals.flip(-1)[..., :k].clamp_min(0),
+                      g.diagonal(dim1=-2, dim2=-1).sum(-1))
+
+    def update(self, k: int) -> None:
+        g, self.gram = self.gram.to(torch.float64), None
+        w = g.shape[-1]
+        if 4 * k >= w or k != self.q.shape[-1]:
+            fresh = _Basis.from_gram(g, k)
+            self.q, self.evals, self.energy = fresh.q.to(self.q.dtype), fresh.evals, fresh.energy
+            return
+        y = g @ self.q.to(torch.float64)                                     # (S, w, k)
+        q, _ = torch.linalg.qr(y)
+        evals, v = torch.linalg.eigh(q.mT @ g @ q)                           # (S, k, k), ascending
+        self.q = (q @ v.flip(-1)).to(self.q.dtype).contiguous()
+        self.evals = evals.flip(-1).clamp_min(0)
+        self.energy = g.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    def tail_factors(self, r: int) -> dict[str, float]:
+        """How the residual norm would change at rank 2r ("up") and r/2 ("down"), worst stream."""
+        k = self.evals.shape[-1]
+        cols = [r - 1]
+        names = [name for name, ok in (("up", 2 * r <= k), ("down", r // 2 >= 1)) if ok]
+        cols += [2 * r - 1 if name == "up" else r // 2 - 1 for name in names]
+        if r > k or not names:
+            return {}
+        captured = self.evals.cumsum(-1)[..., cols]                         # (S, 1 + len(names))
+        tails = (self.energy[:, None] - captured).clamp_min(0).sqrt()
+        base = tails[:, 0].clamp_min(1e-30 * float(self.energy.max().clamp_min(1e-30)) ** 0.5)
+        return dict(zip(names, (tails[:, 1:] / base[:, None]).amax(dim=0).tolist()))
+
+    def state(self) -> dict:
+        return {"q": self.q.clone(), "evals": self.evals.clone(), "energy": self.energy.clone(),
+                "gram": None if self.gram is None else self.gram.clone()}
+
+    @staticmethod
+    def from_state(state: dict) -> "_Basis":
+        b = _Basis(state["q"].clone(), state["evals"].clone(), state["energy"].clone())
+        b.gram = None if state["gram"] is None else state["gram"].clone()
+        return b
+
+
+class _ExactRows(_ExactPacking):
+    """lowrank storing a call exactly (narrow, no saving, fallback): z_prev's chunks themselves."""
+
+    def __init__(self, policy: "LowRankStorage", mode: str, block):
+        super().__init__(policy, info={"rank": None, "mode": mode}, tag="exact")
+
+
+class _LowRankPacking(Packing):
+    """One call of `lowrank`, encoded chunk by chunk: U (S, N, r), codes and scales per stream group,
+    ReLU's mask bits, the audit sketch; transients are one chunk (see the module docstring)."""
+
+    def __init__(self, policy: "LowRankStorage", block, shape, dtype, device, basis: _Basis, r: int,
+                 bits: tuple, measure: bool, audit: bool):
+        s, n, w = shape
+        self.policy, self.block, self.shape, self.bits, self.basis = policy, block, shape, bits, basis
+        self.r, self.audit, self.fallback = r, audit, policy.exact
+        self.p = basis.q[..., :r].contiguous()                              # (S, w, r): this step's basis
+        coded = any(b is not None for b in bits)
+        self.u_dtype = torch.bfloat16 if coded and dtype == torch.float32 else dtype   # the residual absorbs it
+        self.groups = [(IntCodec(b, policy.group), streams) for b, streams in _groups(bits) if b is not None]
+        self.pieces: list[tuple[int, torch.Tensor]] = []
+        self.u = self.codes = self.mask = None
+        if not self.fallback:
+            self.u = torch.empty(s, n, r, dtype=self.u_dtype, device=device)
+            self.codes = []
+            for codec, streams in self.groups:
+                g = streams.stop - streams.start
+                cols, scales = _code_shape(codec, w)
+                self.codes += [torch.empty(g, n, cols, dtype=torch.uint8 if codec.bits == 4 else torch.int8,
+                                           device=device),
+                               torch.empty(g, n, scales, dtype=dtype, device=device)]
+            if isinstance(block.activation, ReLU):
+                self.mask = torch.empty(n, -(-w // 8), dtype=torch.uint8, device=device)
+        self.measure = _Measure(shape, device) if measure else None
+        self.gram = None
+        self.stride = max(1, n // GRAM_ROWS)
+        self.y = self.omega = None
+        if audit:
+            self.omega = make_operator("gaussian", policy.audit_size, w, seed=policy.step_seed("audit"), dtype=dtype,
+                                       device=device)
+            self.y = torch.empty(s, n, policy.audit_size, dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+                                 device=device)
+
+    def add(self, rows, z, a):
+        s, m, w = z.shape
+        u = z @ self.p                                                       # (S, m, r)
+        if self.u_dtype != z.dtype:
+            u = u.to(self.u_dtype)
+        residual = u.to(z.dtype) @ self.p.mT                                 # U P^T, then z - U P^T in place
+        torch.sub(z, residual, out=residual)
+        measure = self.measure
+        if measure is not None:
+            norm_sq = z.square().sum((1, 2), dtype=torch.float64)
+            if z.device.type == "cpu" and not bool(torch.isfinite(norm_sq).all()):
+                check_finite_activation(z, self.policy.layer, self.policy.name)    # raises with a clear message
+            measure.norm_sq += norm_sq
+            measure.low_sq += residual.square().sum((1, 2), dtype=torch.float64)
+            # the Gram matrix of a strided sample of the rows (every `stride`-th row of the call)
+            zs = z[:, (-rows.start) % self.stride::self.stride]
+            part = zs.mT @ zs
+            self.gram = part if self.gram is None else self.gram.add_(part)
+        decode = measure is not None or self.audit
+        for i, (codec, streams) in enumerate(self.groups):
+            sub = residual[streams]                                          # (G, m, w)
+            if decode:
+                (codes, scales), sub_hat = codec.encode_decode(sub.reshape(-1, w))
+                torch.sub(sub, sub_hat.view(sub.shape), out=sub)             # the coding error of these streams
+            else:
+                codes, scales = codec.encode(sub.reshape(-1, w))
+            if self.codes is not None:
+                g = streams.stop - streams.start
+                self.codes[2 * i][:, rows] = codes.view(g, m, -1)
+                self.codes[2 * i + 1][:, rows] = scales.view(g, m, -1)
+        # `residual` now holds z - z_hat on every stream (uncoded streams: the low-rank residual itself)
+        if measure is not None:
+            measure.err_sq += residual.square().sum((1, 2), dtype=torch.float64)
+        if self.audit:
+            z_hat = torch.sub(z, residual, out=residual)
+            act = self.block.activation
+            if isinstance(act, ReLU):
+                a_hat = z_hat * (z[0] > 0)
+            elif isinstance(act, Identity):
+                a_hat = z_hat
+            else:
+                a_hat = self.block.jet(z_hat)
+            self.y[:, rows] = self.omega.apply_right((a - a_hat).reshape(-1, w)).view(s, m, -1)
+        if self.fallback:
+            self.pieces.append((rows.start, z))
+            return
+        self.u[:, rows] = u
+        if self.mask is not None:
+            self.mask[rows] = _pack_mask_rows(z[0] > 0)
+
+    def finish(self):
+        policy, (s, n, w) = self.policy, self.shape
+        if self.measure is not None:
+            policy._pending_calls.append(self.measure)
+            if self.gram is not None:
+                self.basis.gram = self.gram if self.basis.gram is None else self.basis.gram.add_(self.gram)
+        if self.fallback:
+            saved = [z for _, z in self.pieces]
+        else:
+            saved = [self.u, self.p, *self.codes] + ([] if self.mask is None else [self.mask])
+        if self.audit:
+            saved.append(self.y)
+        layout = (s, n, w, self.r, self.bits, tuple(start for start, _ in self.pieces))
+        mode = "exact (fallback)" if self.fallback else policy._mode(self.bits)
+        policy._note({"rank": self.r, "mode": mode, "saved_bytes": stored_bytes(saved)})
+        meta = ("lowrank", layout, self.audit, self.fallback, self.mask is not None, self.measure)
+        return tuple(saved), meta
+
+
+def _code_shape(codec: IntCodec, w: int) -> tuple[int, int]:
+    """(code columns, scale columns) of one encoded row of width w."""
+    g, ng = codec._groups(w)
+    return (ng * g if codec.bits == 8 else (ng * g + 1) // 2), ng
+
+
+def _pack_mask_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (m, w) -> uint8 (m, ceil(w/8)), row-aligned bits (rows pack and unpack on their own)."""
+    m, w = mask.shape
+    pad = (-w) % 8
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(m, pad)], dim=1)
+    return pack_mask(mask).view(m, -1)
+
+
+def _mask_rows_fn(bits: torch.Tensor, w: int):
+    def rows(r: slice) -> torch.Tensor:
+        part = bits[r]
+        return unpack_mask(part.reshape(-1), (part.shape[0], part.shape[1] * 8))[:, :w]
+
+    return rows
 
 
 def _groups(bits: tuple) -> list[tuple[int | None, slice]]:
@@ -655,32 +819,19 @@ def _groups(bits: tuple) -> list[tuple[int | None, slice]]:
     return out
 
 
-def _rows_fn(parts, layout, group: int | None, decoded: list[torch.Tensor] | None = None):
-    """rows -> z_hat[:, rows] (S, n, w) from parts [U, P, (codes, scales) per coded group].
-
-    decoded: the decoded residual of each coded group, [(G, N, w)], when the caller has it
-    (`_compress`): used instead of decoding the codes again (the same values).
-    """
-    s, n, w, _, bits = layout
+def _rows_fn(parts, layout, group: int | None):
+    """rows -> z_hat[:, rows] (S, m, w) from parts [U, P, (codes (G, N, c), scales (G, N, ng)) per coded group]."""
+    s, n, w, _, bits, _ = layout
     u, p, *codes = parts
-    coded = []
-    i = 0
-    for b, streams in _groups(bits):
-        if b is not None:
-            g = streams.stop - streams.start
-            coded.append((IntCodec(b, group), streams, g, codes[i], codes[i + 1],
-                          None if decoded is None else decoded[i // 2]))
-            i += 2
+    coded = [(IntCodec(b, group), streams) for b, streams in _groups(bits) if b is not None]
 
     def rows(r: slice) -> torch.Tensor:
         out = u[:, r].to(p.dtype) @ p.mT                                      # (S, m, w)
         m = out.shape[1]
-        for codec, streams, g, c, sc, hat in coded:
-            if hat is not None:
-                out[streams] += hat[:, r]
-                continue
-            c = c.view(g, n, -1)[:, r].reshape(g * m, -1)
-            sc = sc.view(g, n, -1)[:, r].reshape(g * m, -1)
+        for i, (codec, streams) in enumerate(coded):
+            g = streams.stop - streams.start
+            c = codes[2 * i][:, r].reshape(g * m, -1)
+            sc = codes[2 * i + 1][:, r].reshape(g * m, -1)
             out[streams] += codec.decode((c, sc), (g * m, w), out.dtype).view(g, m, w)
         return out
 

@@ -106,10 +106,13 @@ def _pieces_rows(pieces: list[tuple[int, torch.Tensor]]) -> Callable[[slice], to
 
 
 class _ExactPacking(Packing):
-    """Keep the chunks of z_prev themselves (no copy: the chain computed them as separate tensors)."""
+    """Keep the chunks of z_prev themselves (no copy: the chain computed them as separate tensors).
 
-    def __init__(self, policy: "ExactStorage"):
-        self.policy = policy
+    info: extra entries for the policy's report; tag: metadata is (tag, starts) instead of starts.
+    """
+
+    def __init__(self, policy: "AbstractStorage", info: dict | None = None, tag: str | None = None):
+        self.policy, self.info, self.tag = policy, info or {}, tag
         self.pieces: list[tuple[int, torch.Tensor]] = []
 
     def add(self, rows, z, a):
@@ -117,8 +120,9 @@ class _ExactPacking(Packing):
 
     def finish(self):
         tensors = tuple(z for _, z in self.pieces)
-        self.policy._note({"saved_bytes": stored_bytes(tensors)})
-        return tensors, tuple(start for start, _ in self.pieces)
+        self.policy._note({**self.info, "saved_bytes": stored_bytes(tensors)})
+        starts = tuple(start for start, _ in self.pieces)
+        return tensors, (starts if self.tag is None else (self.tag, starts))
 
 
 class AbstractStorage(torch.nn.Module, abc.ABC):
@@ -181,8 +185,8 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         """Forward of a rows-capable policy: a `Packing` for an input of `shape` (S, N, w)."""
         raise NotImplementedError(f"{type(self).__name__} does not store rows as they come (rows_capable=False)")
 
-    def wants_sample(self, block, streams: int) -> bool:
-        """Whether `begin` needs `prepare` first, for a call with `streams` streams (default: no)."""
+    def wants_sample(self, block, streams: int, width: int) -> bool:
+        """Whether `begin` needs `prepare` first, for inputs of `streams` streams and `width` (default: no)."""
         return False
 
     def prepare(self, z_sample: torch.Tensor, block) -> None:

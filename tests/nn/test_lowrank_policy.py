@@ -28,22 +28,33 @@ def x():
     return torch.rand(48, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
 
 
-def test_same_step_same_test_matrices(x):
-    """L-BFGS re-evaluates the loss within one step: the gradients must agree bit for bit.
-    (Width 16 > 2k = 10: the randomized range finder, not the narrow blocks' exact Gram.)"""
-    model = MLP(2, 1, width=16, depth=2, dtype=torch.float64,
-                storage=LowRankStorage(rank=2, residual=None, value_residual=None, adaptive=False))
+def test_basis_is_fixed_within_a_step_and_follows_the_weights_a_step_later(x):
+    """L-BFGS re-evaluates the loss within one step: the gradients must agree bit for bit. The
+    basis of step t+1 comes from the Gram matrices measured in step t: after a weight change it
+    lags one step, then equals the basis a fresh model computes at the new weights."""
+    def make():
+        return MLP(2, 1, width=16, depth=2, dtype=torch.float64, seed=2,
+                   storage=LowRankStorage(rank=2, residual=None, value_residual=None, adaptive=False))
 
-    def grads():
+    def grads(model):
         model.zero_grad()
         u = model.jet(x, SPEC).streams
         (u ** 2).sum().backward()
         return torch.cat([b.weight.grad.flatten() for b in model.blocks])
 
-    first, again = grads(), grads()
+    model = make()
+    first, again = grads(model), grads(model)
     assert torch.equal(first, again)
+    with torch.no_grad():
+        model.blocks[1].weight.mul_(1.5)
     model.advance()
-    assert not torch.equal(grads(), first)       # new step, new test matrices
+    stale = grads(model)                          # new weights, basis measured at the old ones
+    model.advance()
+    fresh_model = make()
+    fresh_model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
+                                strict=False)
+    assert not torch.equal(grads(model), stale)
+    assert torch.equal(grads(model), grads(fresh_model))
 
 
 def test_first_hidden_block_streams_are_low_rank(x):
@@ -60,7 +71,7 @@ def test_first_hidden_block_streams_are_low_rank(x):
 
 
 def test_narrow_input_block_is_stored_exactly(x):
-    model = MLP(2, 1, width=10, depth=2, storage="lowrank", dtype=torch.float64)
+    model = MLP(2, 1, width=32, depth=2, storage="lowrank", dtype=torch.float64)
     run(model, x)
     report = model.storage_report()
     assert report[0]["mode"] == "exact (narrow)"
@@ -140,16 +151,41 @@ def test_history_records_rank_changes_and_events(x):
     assert [h["step"] for h in history] == sorted(h["step"] for h in history)
 
 
-def test_rank_clamps_to_the_rows_of_a_small_call(x):
-    """A call with fewer points than the rank (a small boundary set) clamps the rank for that call only."""
+def test_calls_that_compression_would_not_shrink_are_stored_exactly(x):
+    """Never worse than exact: a call with fewer rows than the rank (a small boundary set) costs more
+    compressed (the basis alone is w x r per stream) and is stored exactly; the full set is compressed."""
     for policy in (LowRankStorage(rank=8, adaptive=False), LowRankStorage()):
         model = MLP(2, 1, width=12, depth=2, dtype=torch.float64, storage=policy)
-        run(model, x[:5])                              # first call: 5 rows < rank 8
-        assert model.storage_report()[1]["rank"] == 5
-        run(model, x)                                  # the full set: back to the policy's rank
+        run(model, x[:5])                              # 5 rows < rank 8
+        assert model.storage_report()[1]["mode"] == "exact (no saving)"
+        run(model, x)                                  # the full set: the policy's rank
         assert model.storage_report()[1]["rank"] == model.storages[1].rank >= 8
-        grads = run(model, x[:3])                      # so few rows that compression saves nothing
+        grads = run(model, x[:3])
         assert torch.isfinite(grads).all() and model.storage_report()[1]["mode"] == "exact (narrow)"
+
+
+def test_never_stores_more_than_exact_on_a_narrow_network():
+    """A 32-wide float64 network (the Poisson L-shape set-up's width) at full rank with int8 codes would
+    need more bytes than z_prev: lowrank stores such blocks exactly, so its saved bytes never exceed exact's."""
+    from pinnsketch.nn import MemoryMeter
+
+    x = torch.rand(500, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def saved(storage):
+        model = MLP(2, 1, width=32, depth=3, dtype=torch.float64, seed=1, storage=storage)
+        peaks = []
+        for _ in range(4):
+            with MemoryMeter() as meter:
+                run(model, x)
+            peaks.append(meter.peak_bytes)
+        return max(peaks), model
+
+    exact, _ = saved("exact")
+    full, model = saved(LowRankStorage(rank=32, residual="int8", adaptive=False))
+    assert full <= exact
+    assert {r["mode"] for r in model.storage_report()[1:]} == {"exact (no saving)"}
+    compressed, model = saved(LowRankStorage(rank=4, adaptive=False))
+    assert compressed < exact / 2
 
 
 def _digits_batch(n=256, seed=0):
