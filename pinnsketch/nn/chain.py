@@ -62,10 +62,17 @@ class ChainCall:
         return row_chunks(n, s * max(widths) * z.element_size(), budget)
 
 
-def _stage_forward(stage: ChainStage, z: torch.Tensor, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, next z) for one chunk: a = act(z), next = a W^T + b (+ z with a skip)."""
+def _stage_forward(stage: ChainStage, z: torch.Tensor, weight, bias,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, next z) for one chunk: a = act(z), next = a W^T + b (+ z with a skip), written into `out` if given."""
     a = stage.block.jet(z)
-    out = _linear(a, weight, bias)
+    if out is None:
+        out = _linear(a, weight, bias)
+    else:
+        for s in range(a.shape[0]):                # per stream: `out` is a row slice of a (S, N, w) buffer
+            torch.mm(a[s], weight.mT, out=out[s])
+        if bias is not None:
+            out[0] += bias
     if stage.residual:
         out += z
     return a, out
@@ -110,7 +117,8 @@ class ChainFunction(torch.autograd.Function):
         for rows in chunks:
             z = z0 if len(chunks) == 1 else z0[:, rows]
             for i, st in enumerate(stages):
-                a, z_next = _stage_forward(st, z, params[2 * i], params[2 * i + 1])
+                dest = packings[i + 1].destination(rows) if i + 1 < len(stages) else None
+                a, z_next = _stage_forward(st, z, params[2 * i], params[2 * i + 1], dest)
                 packings[i].add(rows, z, a)
                 z = z_next
             if out is None:

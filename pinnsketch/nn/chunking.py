@@ -15,8 +15,8 @@ import torch
 
 __all__ = ["row_chunks", "default_chunk_bytes", "CPU_CHUNK_BYTES", "CUDA_CHUNK_FRACTION"]
 
-#: Bytes per chunk tensor (S, rows, width) on the CPU: 8 MiB (2,048 rows of a 4-stream jet 256 wide in float32).
-CPU_CHUNK_BYTES = 8 << 20
+#: Bytes per chunk tensor (S, rows, width) on the CPU: 2 MiB (512 rows of a 4-stream jet 256 wide in float32).
+CPU_CHUNK_BYTES = 2 << 20
 #: On CUDA (and other accelerators) a chunk tensor may take this fraction of the device's memory.
 CUDA_CHUNK_FRACTION = 1 / 16
 

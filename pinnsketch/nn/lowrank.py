@@ -87,8 +87,8 @@ import torch
 from ..sketch import make_operator
 from .activations import Identity, ReLU
 from .codecs import IntCodec, pack_mask, unpack_mask
-from .storage import (AbstractStorage, Packing, Stored, StorageError, _ExactPacking, _pieces_rows,
-                      check_finite_activation, stored_bytes)
+from .storage import (AbstractStorage, Packing, Stored, StorageError, _ExactPacking, check_finite_activation,
+                      stored_bytes)
 
 __all__ = ["LowRankStorage"]
 
@@ -302,13 +302,13 @@ class LowRankStorage(AbstractStorage):
         smooth = not block.piecewise_linear
         why = self._stores_exactly(s, n, w, dtype, smooth)
         if why is not None:
-            return _ExactRows(self, why, block)
+            return _ExactRows(self, shape, dtype, device, why)
         if self._rank is None:
             self._start(w)
         self._path = self._path or (s > 1 and smooth)
         audit = self._is_audit()
         if self.exact and not audit:
-            return _ExactRows(self, "exact (fallback)", block)
+            return _ExactRows(self, shape, dtype, device, "exact (fallback)")
         basis = self._bases.get((s, w))
         if basis is None:
             raise StorageError(f"layer {self.layer}: lowrank has no basis for calls of {s} streams and width {w}; "
@@ -331,7 +331,7 @@ class LowRankStorage(AbstractStorage):
     def unpack(self, saved, meta, block):
         kind = meta[0]
         if kind == "exact":
-            return Stored(_pieces_rows(list(zip(meta[1], saved))))
+            return Stored.of(saved[0])
         _, layout, audit, fallback, n_pieces, measured = meta
         payload = {}
         if audit:
@@ -339,7 +339,7 @@ class LowRankStorage(AbstractStorage):
                        "points": layout[1], "streams": layout[0]}
             saved = saved[:-1]
         if fallback:
-            return Stored(_pieces_rows(list(zip(layout[5], saved))), payload)
+            return Stored.of(saved[0], **payload)
         mask = None
         if n_pieces:
             mask_bits, saved = saved[-1], saved[:-1]
@@ -598,8 +598,10 @@ class LowRankStorage(AbstractStorage):
         self._pending_calls, self._pending_audits = [], []
 
 
-#: Rows per call that feed the basis' Gram matrix (a strided sample of larger calls).
-GRAM_ROWS = 8192
+#: Rows per call that feed the basis' Gram matrix (a strided sample of larger calls): the Gram
+#: matrix then costs at most 2048 / N of a forward matrix product, and 2,048 rows per stream
+#: pin down a subspace of a few dozen dimensions in a width of a few hundred.
+GRAM_ROWS = 2048
 
 
 class _Measure:
@@ -677,8 +679,8 @@ class _Basis:
 class _ExactRows(_ExactPacking):
     """lowrank storing a call exactly (narrow, no saving, fallback): z_prev's chunks themselves."""
 
-    def __init__(self, policy: "LowRankStorage", mode: str, block):
-        super().__init__(policy, info={"rank": None, "mode": mode}, tag="exact")
+    def __init__(self, policy: "LowRankStorage", shape, dtype, device, mode: str):
+        super().__init__(policy, shape, dtype, device, info={"rank": None, "mode": mode}, tag="exact")
 
 
 class _LowRankPacking(Packing):
@@ -694,7 +696,7 @@ class _LowRankPacking(Packing):
         coded = any(b is not None for b in bits)
         self.u_dtype = torch.bfloat16 if coded and dtype == torch.float32 else dtype   # the residual absorbs it
         self.groups = [(IntCodec(b, policy.group), streams) for b, streams in _groups(bits) if b is not None]
-        self.pieces: list[tuple[int, torch.Tensor]] = []
+        self.kept = _ExactPacking(policy, shape, dtype, device) if self.fallback else None     # exact fallback: z_prev itself
         self.u = self.codes = self.mask = None
         if not self.fallback:
             self.u = torch.empty(s, n, r, dtype=self.u_dtype, device=device)
@@ -726,11 +728,11 @@ class _LowRankPacking(Packing):
         torch.sub(z, residual, out=residual)
         measure = self.measure
         if measure is not None:
-            norm_sq = z.square().sum((1, 2), dtype=torch.float64)
+            norm_sq = _sum_squares(z)
             if z.device.type == "cpu" and not bool(torch.isfinite(norm_sq).all()):
                 check_finite_activation(z, self.policy.layer, self.policy.name)    # raises with a clear message
             measure.norm_sq += norm_sq
-            measure.low_sq += residual.square().sum((1, 2), dtype=torch.float64)
+            measure.low_sq += _sum_squares(residual)
             # the Gram matrix of a strided sample of the rows (every `stride`-th row of the call)
             zs = z[:, (-rows.start) % self.stride::self.stride]
             part = zs.mT @ zs
@@ -749,7 +751,7 @@ class _LowRankPacking(Packing):
                 self.codes[2 * i + 1][:, rows] = scales.view(g, m, -1)
         # `residual` now holds z - z_hat on every stream (uncoded streams: the low-rank residual itself)
         if measure is not None:
-            measure.err_sq += residual.square().sum((1, 2), dtype=torch.float64)
+            measure.err_sq += _sum_squares(residual)
         if self.audit:
             z_hat = torch.sub(z, residual, out=residual)
             act = self.block.activation
@@ -761,7 +763,7 @@ class _LowRankPacking(Packing):
                 a_hat = self.block.jet(z_hat)
             self.y[:, rows] = self.omega.apply_right((a - a_hat).reshape(-1, w)).view(s, m, -1)
         if self.fallback:
-            self.pieces.append((rows.start, z))
+            self.kept.add(rows, z, a)
             return
         self.u[:, rows] = u
         if self.mask is not None:
@@ -774,16 +776,21 @@ class _LowRankPacking(Packing):
             if self.gram is not None:
                 self.basis.gram = self.gram if self.basis.gram is None else self.basis.gram.add_(self.gram)
         if self.fallback:
-            saved = [z for _, z in self.pieces]
+            saved = [self.kept.z]
         else:
             saved = [self.u, self.p, *self.codes] + ([] if self.mask is None else [self.mask])
         if self.audit:
             saved.append(self.y)
-        layout = (s, n, w, self.r, self.bits, tuple(start for start, _ in self.pieces))
+        layout = (s, n, w, self.r, self.bits)
         mode = "exact (fallback)" if self.fallback else policy._mode(self.bits)
         policy._note({"rank": self.r, "mode": mode, "saved_bytes": stored_bytes(saved)})
         meta = ("lowrank", layout, self.audit, self.fallback, self.mask is not None, self.measure)
         return tuple(saved), meta
+
+
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """Per-stream sum of squares of x (S, m, w), in float64 (S,): one pass (a norm, squared after)."""
+    return torch.linalg.vector_norm(x, dim=(1, 2)).to(torch.float64).square()
 
 
 def _code_shape(codec: IntCodec, w: int) -> tuple[int, int]:
@@ -821,7 +828,7 @@ def _groups(bits: tuple) -> list[tuple[int | None, slice]]:
 
 def _rows_fn(parts, layout, group: int | None):
     """rows -> z_hat[:, rows] (S, m, w) from parts [U, P, (codes (G, N, c), scales (G, N, ng)) per coded group]."""
-    s, n, w, _, bits, _ = layout
+    s, n, w, _, bits = layout
     u, p, *codes = parts
     coded = [(IntCodec(b, group), streams) for b, streams in _groups(bits) if b is not None]
 

@@ -21,7 +21,6 @@ The sketched policies live in their own modules: `projection`, `ema`,
 from __future__ import annotations
 
 import abc
-import bisect
 import copy
 import math
 from collections.abc import Callable
@@ -86,43 +85,47 @@ class Packing(abc.ABC):
     def finish(self) -> tuple[tuple[torch.Tensor, ...], Any]:
         """(tensors to save for backward, metadata for `AbstractStorage.unpack`)."""
 
-
-def _pieces_rows(pieces: list[tuple[int, torch.Tensor]]) -> Callable[[slice], torch.Tensor]:
-    """rows -> z[:, rows] from chunks [(start, z_chunk)]; a backward chunk is a forward chunk
-    (or lies within one) because forward and backward of a call use the same chunks."""
-    if len(pieces) == 1:
-        z = pieces[0][1]
-        return lambda rows: z[:, rows]
-    starts = [start for start, _ in pieces]
-
-    def rows_fn(rows: slice) -> torch.Tensor:
-        i = max(0, bisect.bisect_right(starts, rows.start) - 1)
-        start, z = pieces[i]
-        if rows.stop - start > z.shape[1]:
-            raise ValueError(f"rows {rows} span several stored chunks; backward must use the forward's chunks")
-        return z[:, rows.start - start:rows.stop - start]
-
-    return rows_fn
+    def destination(self, rows: slice) -> torch.Tensor | None:
+        """Where the producer of z_prev should write rows `rows` (S, n, w), or None (its own tensor)."""
+        return None
 
 
 class _ExactPacking(Packing):
-    """Keep the chunks of z_prev themselves (no copy: the chain computed them as separate tensors).
+    """Keep z_prev: the tensor itself when it comes in one chunk, else its chunks copied into one buffer.
 
-    info: extra entries for the policy's report; tag: metadata is (tag, starts) instead of starts.
+    Why one buffer: many long-lived chunk-sized blocks interleaved with chunk-sized transients
+    fragment a CPU allocator's heap (glibc keeps freed interior blocks resident), so the
+    process would hold far more than the live bytes; one (S, N, w) buffer per block is
+    allocated apart from the transients, and the chain writes each chunk straight into it
+    (`destination`), so nothing is copied.
+
+    info: extra entries for the policy's report; tag: metadata is (tag,) instead of ().
     """
 
-    def __init__(self, policy: "AbstractStorage", info: dict | None = None, tag: str | None = None):
-        self.policy, self.info, self.tag = policy, info or {}, tag
-        self.pieces: list[tuple[int, torch.Tensor]] = []
+    def __init__(self, policy: "AbstractStorage", shape: tuple[int, int, int], dtype: torch.dtype,
+                 device: torch.device, info: dict | None = None, tag: str | None = None):
+        self.policy, self.shape, self.dtype, self.device = policy, shape, dtype, device
+        self.info, self.tag = info or {}, tag
+        self.z: torch.Tensor | None = None
+
+    def destination(self, rows):
+        if rows.start == 0 and rows.stop == self.shape[1]:
+            return None                            # one chunk: keep the producer's tensor itself
+        if self.z is None:
+            self.z = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.z[:, rows]
 
     def add(self, rows, z, a):
-        self.pieces.append((rows.start, z))
+        if rows.start == 0 and rows.stop == self.shape[1]:
+            self.z = z
+            return
+        dest = self.destination(rows)
+        if dest.data_ptr() != z.data_ptr():        # not written in place by the producer
+            dest.copy_(z)
 
     def finish(self):
-        tensors = tuple(z for _, z in self.pieces)
-        self.policy._note({**self.info, "saved_bytes": stored_bytes(tensors)})
-        starts = tuple(start for start, _ in self.pieces)
-        return tensors, (starts if self.tag is None else (self.tag, starts))
+        self.policy._note({**self.info, "saved_bytes": stored_bytes([self.z])})
+        return (self.z,), (() if self.tag is None else (self.tag,))
 
 
 class AbstractStorage(torch.nn.Module, abc.ABC):
@@ -295,10 +298,10 @@ class ExactStorage(AbstractStorage):
         return packing.finish()
 
     def begin(self, shape, dtype, device, block):
-        return _ExactPacking(self)
+        return _ExactPacking(self, shape, dtype, device)
 
     def unpack(self, saved, meta, block):
-        return Stored(_pieces_rows(list(zip(meta, saved))))
+        return Stored.of(saved[0])
 
 
 class CheckpointStorage(ExactStorage):
