@@ -24,11 +24,30 @@ NOTE [what the meter sees]
       :meth:`MemoryMeter.track` (see `pinnsketch.nn.storage.CheckpointStorage`).
     * On CUDA, ``cuda_peak_bytes`` is ``torch.cuda.max_memory_allocated`` over
       the step, which includes everything (weights, gradients, workspace).
+
+NOTE [the peak of a step]
+    Saved bytes are a diagnostic; whether a problem fits is decided by the
+    peak of *all* live tensor memory during the step: the saved set plus every
+    temporary alive at that moment. ``MemoryMeter(step_peak=True)`` measures it
+    as ``step_peak_bytes``, the maximum of the live tensor bytes during the step
+    above those live when it began (the step's own working set):
+      * CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at
+        entry (the caching allocator's exact count of bytes in live tensors);
+      * CPU: the running sum of the allocation and free events that torch's
+        CPU allocator reports to the profiler (``profile_memory=True``), which
+        sees every tensor buffer, including those an op allocates and frees
+        inside itself. It costs a profiled step (op records), so meter a few
+        steps, not all; it cannot run inside another torch profiler (then the
+        figure is None).
+    What neither counts: memory outside torch's allocators (BLAS workspaces,
+    Python objects, allocator fragmentation). Benchmarks that need the process's
+    view use `ResidentPeak` in a fresh process.
 """
 
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 import weakref
 
@@ -81,14 +100,26 @@ class MemoryMeter:
         cuda_peak_bytes: ``torch.cuda.max_memory_allocated`` over the step on the CUDA
             device the saved tensors live on; None when no saved tensor was on CUDA.
 
+        step_peak_bytes: with ``step_peak=True``, the peak of all live tensor bytes during
+            the step above those live at entry (see NOTE [the peak of a step]); None without
+            it, or when it could not be measured.
+
     Args:
         include_parameters: also count saved ``nn.Parameter`` tensors (default False).
+        step_peak: also measure ``step_peak_bytes`` (on the CPU through the profiler's memory
+            events: a profiled step).
     """
 
-    def __init__(self, *, include_parameters: bool = False):
-        if not isinstance(include_parameters, bool):
-            raise TypeError(f"include_parameters must be a bool, got {include_parameters!r}")
+    def __init__(self, *, include_parameters: bool = False, step_peak: bool = False):
+        for name, value in (("include_parameters", include_parameters), ("step_peak", step_peak)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         self.include_parameters = include_parameters
+        self.step_peak = step_peak
+        self.step_peak_bytes: int | None = None
+        self._profiler = None
+        self._quiet = None
+        self._cuda_baseline: dict[int, int] = {}
         self.peak_bytes = 0
         self.live_bytes = 0
         self.saved_bytes_total = 0
@@ -109,6 +140,11 @@ class MemoryMeter:
             self._cuda_reset = list(range(torch.cuda.device_count()))
             for index in self._cuda_reset:
                 torch.cuda.reset_peak_memory_stats(index)
+                self._cuda_baseline[index] = torch.cuda.memory_allocated(index)
+        if self.step_peak:
+            self._quiet = _QuietProfilerLog()
+            self._quiet.__enter__()
+            self._profiler = _start_allocation_profiler()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         self._token = _ACTIVE.set(_ACTIVE.get() + (self,))
@@ -119,6 +155,16 @@ class MemoryMeter:
         self._hooks.__exit__(*exc)
         if self._cuda_devices:
             self.cuda_peak_bytes = max(torch.cuda.max_memory_allocated(i) for i in self._cuda_devices)
+        cpu_peak = _stop_allocation_profiler(self._profiler) if self._profiler is not None else None
+        self._profiler = None
+        if self.step_peak:
+            self._quiet.__exit__(*exc)
+        if self.step_peak:
+            if self._cuda_devices:
+                self.step_peak_bytes = max(torch.cuda.max_memory_allocated(i) - self._cuda_baseline.get(i, 0)
+                                           for i in self._cuda_devices)
+            else:
+                self.step_peak_bytes = cpu_peak
 
     @staticmethod
     def current() -> "MemoryMeter | None":
@@ -185,6 +231,84 @@ class MemoryMeter:
                 f"cuda_peak_bytes={self.cuda_peak_bytes})")
 
 
+class _QuietProfilerLog:
+    """Drop the profiler's C++ log lines from standard error while it runs; pass everything else on.
+
+    torch's profiler prints "profiler_start/stop" lines (and a one-time allocator note) from C++
+    straight to file descriptor 2 on every start and stop, with no switch to turn them off; a
+    metered training step would scatter them through a user's output. Standard error is sent
+    to a temporary file meanwhile and replayed without those lines.
+    """
+
+    _NOISE = ("USDT:", "STAGE:", "CPUAllocator.cpp", "SyncActivityProfilerHandler")
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        self._file = None
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):      # no real descriptor 2: nothing to filter
+            return self
+        self._file = tempfile.TemporaryFile()
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        if self._file is None:
+            return
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        kept = [line for line in self._file.read().decode(errors="replace").splitlines(keepends=True)
+                if not any(mark in line for mark in self._NOISE)]
+        self._file.close()
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def _start_allocation_profiler():
+    """A running CPU profiler that records allocator events, or None where one cannot start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    try:
+        prof.__enter__()
+    except RuntimeError:               # another profiler is active
+        return None
+    return prof
+
+
+def _stop_allocation_profiler(prof) -> int | None:
+    """Stop `prof`; the peak of the running sum of its CPU allocation events (bytes above entry)."""
+    try:
+        prof.__exit__(None, None, None)
+        from torch._C._profiler import _EventType
+
+        events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    except (RuntimeError, AttributeError, ImportError):   # a torch without these records
+        return None
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 class ResidentPeak:
     """Peak resident memory of this process above its level at entry, by sampling (Linux).
 
@@ -217,8 +341,6 @@ class ResidentPeak:
     @staticmethod
     def resident_bytes() -> int:
         """The process's resident set size now, in bytes."""
-        import os
-
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

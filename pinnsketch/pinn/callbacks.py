@@ -52,7 +52,8 @@ class TrainingState:
     Fields per the team interface: problem, model, optimizer, step (steps done,
     global over phases), phase ("adam" | "lbfgs"), losses (term -> float, at the
     start of the step), loss (weighted total), lr, wall_time_s,
-    saved_bytes_peak (int | None), l2_relative_error (set on evaluation steps,
+    saved_bytes_peak (int | None), step_peak_bytes (int | None: the peak of all live
+    tensor bytes of a metered step above its start, `MemoryMeter(step_peak=True)`), l2_relative_error (set on evaluation steps,
     else None), config (JSON-able), storage_report (list of dicts).
     Extra: max_steps, phase_start, history, parameters, generator, points,
     callbacks, and the flags `stop_phase` / `stop_training` a callback may set.
@@ -68,6 +69,7 @@ class TrainingState:
     lr: float = math.nan
     wall_time_s: float = 0.0
     saved_bytes_peak: int | None = None
+    step_peak_bytes: int | None = None
     l2_relative_error: float | None = None
     config: dict = field(default_factory=dict)
     storage_report: list = field(default_factory=list)

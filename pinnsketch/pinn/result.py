@@ -110,6 +110,8 @@ class Result:
         parameters: trained values of the problem's `Parameter`s.
         timing: seconds per phase, milliseconds per Adam / L-BFGS step, total.
         saved_bytes_peak: peak bytes autograd saved for backward on metered steps.
+        step_peak_bytes: peak of all live tensor bytes of a metered step above its start (what
+            decides whether a problem fits; `pinnsketch.nn.MemoryMeter`), max over metered steps.
         storage_report: per-layer storage figures at the end (ranks, errors, bytes).
         evaluation: {"x", "reference", "prediction"} numpy arrays on the evaluation grid.
         config: the JSON-able options of the run; state: the final TrainingState.
@@ -127,6 +129,7 @@ class Result:
     evaluation: dict[str, np.ndarray] | None
     config: dict
     state: Any = field(default=None, repr=False)
+    step_peak_bytes: int | None = None
 
     def predict(self, x, *, batch_size: int = 65_536):
         """Outputs (M, n_out) at x (M, d), computed in batches (numpy or tensor, as given)."""
@@ -135,7 +138,8 @@ class Result:
 
     @property
     def memory(self) -> dict:
-        return {"saved_bytes_peak": self.saved_bytes_peak, "storage_report": self.storage_report}
+        return {"saved_bytes_peak": self.saved_bytes_peak, "step_peak_bytes": self.step_peak_bytes,
+                "storage_report": self.storage_report}
 
     def save(self, path: str | Path) -> Path:
         """Write the run to `path` (HDF5 via pinnsketch.io when available)."""

@@ -143,7 +143,7 @@ def _meter(enabled: bool):
         return contextlib.nullcontext()
     from ..nn import MemoryMeter
 
-    return MemoryMeter()
+    return MemoryMeter(step_peak=True)
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -265,6 +265,9 @@ class _Run:
             h["memory"]["step"].append(st.step)
             h["memory"]["saved_bytes"].append(int(meter.peak_bytes))
             st.saved_bytes_peak = max(st.saved_bytes_peak or 0, int(meter.peak_bytes))
+            peak = meter.step_peak_bytes
+            if peak is not None:
+                st.step_peak_bytes = max(st.step_peak_bytes or 0, int(peak))
         st.l2_relative_error = None
         if _crossed(st.step - steps, st.step, self.o["eval_every"]):
             self._evaluate()
@@ -413,7 +416,7 @@ class _Run:
             problem=self.problem, model=self.network, history=h, l2_relative_error=l2, l2_per_field=per,
             parameters={k: float(v.detach()) for k, v in self.parameters.items()}, timing=timing,
             saved_bytes_peak=st.saved_bytes_peak, storage_report=st.storage_report, evaluation=evaluation,
-            config=config, state=st,
+            config=config, state=st, step_peak_bytes=st.step_peak_bytes,
         )
 
 

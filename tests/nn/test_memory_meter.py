@@ -120,3 +120,47 @@ def test_cuda_peak_reported():
     with MemoryMeter() as meter:
         net(x).sum().backward()
     assert meter.cuda_peak_bytes is not None and meter.cuda_peak_bytes >= meter.peak_bytes
+
+
+def test_step_peak_counts_a_known_allocation_pattern_on_cpu():
+    """1 MiB, then 2 MiB, free the first, then 3 MiB: the live bytes peak at 5 MiB above entry,
+    whatever was allocated before (a 4 MiB tensor alive throughout and one freed inside)."""
+    before = torch.empty(4 << 20, dtype=torch.uint8)
+    doomed = torch.empty(1 << 20, dtype=torch.uint8)
+    with MemoryMeter(step_peak=True) as meter:
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)
+        del a, doomed
+        c = torch.empty(3 << 20, dtype=torch.uint8)
+        del b, c
+    assert meter.step_peak_bytes == 5 << 20
+    assert before.numel() == 4 << 20
+
+
+def test_step_peak_sees_temporaries_that_saved_bytes_do_not():
+    """A step whose only saved tensor is small but which builds a large temporary: the saved-bytes
+    meter sees the small tensor, the step peak sees the temporary."""
+    x = torch.randn(256, 256, requires_grad=True)
+    with MemoryMeter(step_peak=True) as meter:
+        big = x.detach().repeat(16, 1)            # 4 MiB temporary, not saved for backward
+        y = (x * big[:256].sum()).tanh().sum()    # saves x-sized tensors only
+        del big
+        y.backward()
+    assert meter.peak_bytes < 2 << 20
+    assert meter.step_peak_bytes >= 4 << 20
+
+
+def test_step_peak_keeps_other_standard_error_output(capfd):
+    import sys
+
+    with MemoryMeter(step_peak=True):
+        print("a line of the user's", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "a line of the user's" in err
+    assert "profiler_start" not in err and "USDT" not in err
+
+
+def test_step_peak_off_by_default():
+    with MemoryMeter() as meter:
+        torch.ones(10)
+    assert meter.step_peak_bytes is None
