@@ -71,8 +71,8 @@ activation, the error its reconstruction sends down the derivative path.
 
 **Synchronization.** Measurements stay on the device during the step; the
 controller reads them once, in `advance()`. Nothing in the forward or
-backward pass waits for the device (on the CPU a non-finite activation is
-reported at once; elsewhere at `advance()`).
+backward pass waits for the device (non-finite activations are reported by
+`prepare`, the first time a call shape is seen, and otherwise at `advance()`).
 """
 
 from __future__ import annotations
@@ -371,13 +371,20 @@ class LowRankStorage(AbstractStorage):
             self._pending_audits.append((torch.linalg.norm(acc), torch.linalg.norm(grad_w), spread,
                                          p["measured"], p["points"], p["streams"]))
 
-    def _resolve_pending(self) -> None:
-        """Read the step's measurements on the host (one transfer) and feed them to the controller."""
-        calls, audits = self._pending_calls, self._pending_audits
-        if not calls and not audits:
+    def _resolve_pending(self, tails: list[tuple[list[str], torch.Tensor]] = ()) -> None:
+        """Read the step's measurements (and the bases' residual factors `tails`) on the host in one
+        transfer, and feed them to the controller."""
+        calls, audits, tails = self._pending_calls, self._pending_audits, [t for t in tails if t[1] is not None]
+        if not calls and not audits and not tails:
             return
         values = torch.cat([torch.cat([c.norm_sq, c.low_sq, c.err_sq]) for c in calls]
-                           + [torch.stack(a[:3]).to(torch.float64) for a in audits]).tolist()
+                           + [torch.stack(a[:3]).to(torch.float64) for a in audits]
+                           + [t.to(torch.float64) for _, t in tails]).tolist()
+        pos = len(values) - sum(len(names) for names, _ in tails)
+        for names, _ in tails:
+            for name in names:
+                self._step_tail[name] = max(self._step_tail.get(name, 0.0), values[pos])
+                pos += 1
         pos = 0
         for c in calls:
             s = c.shape[0]
@@ -404,15 +411,17 @@ class LowRankStorage(AbstractStorage):
             self._record_audit(err, measure.recon, amp, noise, streams)
         self._pending_calls, self._pending_audits = [], []
 
-    def _update_bases(self) -> None:
-        """Next step's bases from this step's Gram matrices; residual factors at ranks 2r and r/2."""
+    def _update_bases(self) -> list[tuple[list[str], torch.Tensor]]:
+        """Next step's bases from this step's Gram matrices (device work only); the residual factors
+        at ranks 2r and r/2 as device tensors, for `_resolve_pending` to read."""
+        tails = []
         for (_, w), basis in self._bases.items():
             if basis.gram is None:
                 continue
             basis.update(self._basis_size(w))
             if self._rank is not None:
-                for name, value in basis.tail_factors(min(self._rank, basis.q.shape[-1])).items():
-                    self._step_tail[name] = max(self._step_tail.get(name, 0.0), value)
+                tails.append(basis.tail_factors(min(self._rank, basis.q.shape[-1])))
+        return tails
 
     # -- control -------------------------------------------------------------------
     def _record_audit(self, grad_error: float, recon_error: float, amp: float | None, noise: float | None,
@@ -472,10 +481,10 @@ class LowRankStorage(AbstractStorage):
         return ratio
 
     def advance(self) -> None:
-        # the one host-device synchronization of the policy per step: the controller reads
-        # the step's measurements here, never inside the forward or backward pass
-        self._resolve_pending()
-        self._update_bases()
+        # the one host read of the policy per step: the controller reads the step's measurements
+        # here, never inside the forward or backward pass (on CUDA the eigensolver of the basis
+        # update also waits for its small result)
+        self._resolve_pending(self._update_bases())
         if self._controlled and self._rank is not None:
             self._control()
         self._step_recon = None
@@ -652,18 +661,19 @@ class _Basis:
         self.evals = evals.flip(-1).clamp_min(0)
         self.energy = g.diagonal(dim1=-2, dim2=-1).sum(-1)
 
-    def tail_factors(self, r: int) -> dict[str, float]:
-        """How the residual norm would change at rank 2r ("up") and r/2 ("down"), worst stream."""
+    def tail_factors(self, r: int) -> tuple[list[str], torch.Tensor | None]:
+        """How the residual norm would change at rank 2r ("up") and r/2 ("down"), worst stream:
+        (names, device tensor of one factor per name), or ([], None) when the subspace cannot tell."""
         k = self.evals.shape[-1]
-        cols = [r - 1]
         names = [name for name, ok in (("up", 2 * r <= k), ("down", r // 2 >= 1)) if ok]
-        cols += [2 * r - 1 if name == "up" else r // 2 - 1 for name in names]
         if r > k or not names:
-            return {}
+            return [], None
+        cols = [r - 1] + [2 * r - 1 if name == "up" else r // 2 - 1 for name in names]
         captured = self.evals.cumsum(-1)[..., cols]                         # (S, 1 + len(names))
         tails = (self.energy[:, None] - captured).clamp_min(0).sqrt()
-        base = tails[:, 0].clamp_min(1e-30 * float(self.energy.max().clamp_min(1e-30)) ** 0.5)
-        return dict(zip(names, (tails[:, 1:] / base[:, None]).amax(dim=0).tolist()))
+        floor = 1e-30 * self.energy.max().clamp_min(1e-30).sqrt()
+        base = torch.maximum(tails[:, 0], floor)
+        return names, (tails[:, 1:] / base[:, None]).amax(dim=0)
 
     def state(self) -> dict:
         return {"q": self.q.clone(), "evals": self.evals.clone(), "energy": self.energy.clone(),
@@ -728,10 +738,7 @@ class _LowRankPacking(Packing):
         torch.sub(z, residual, out=residual)
         measure = self.measure
         if measure is not None:
-            norm_sq = _sum_squares(z)
-            if z.device.type == "cpu" and not bool(torch.isfinite(norm_sq).all()):
-                check_finite_activation(z, self.policy.layer, self.policy.name)    # raises with a clear message
-            measure.norm_sq += norm_sq
+            measure.norm_sq += _sum_squares(z)          # non-finite values are reported at advance()
             measure.low_sq += _sum_squares(residual)
             # the Gram matrix of a strided sample of the rows (every `stride`-th row of the call)
             zs = z[:, (-rows.start) % self.stride::self.stride]

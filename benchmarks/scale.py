@@ -1,0 +1,321 @@
+"""The largest full-batch PINN training step that fits a memory budget, per system; accuracy at the budget.
+
+Question: at a fixed memory budget, how many collocation points can each system train on, and does
+`lowrank`'s extra room buy a better solution?
+
+Part 1, capacity. For a budget (default 2 GiB) and each workload and system, the largest number of
+collocation points N whose full-batch training step fits, by doubling then bisection (to 5 %).
+A step is what a run does: two Adam steps and one L-BFGS iteration on a Burgers residual
+(jet streams u, u_x, u_t, u_xx) over N random points. Each attempt runs in a fresh subprocess and
+fits when its peak memory is within the budget:
+  * `--meter rss` (default on the CPU): the peak resident memory of the process above its level
+    just before the first step (`pinnsketch.nn.ResidentPeak`): what the operating system sees;
+  * `--meter allocator`: the peak of live tensor bytes above the start of each step
+    (`MemoryMeter(step_peak=True)`: CUDA's counters, or the CPU allocator's events).
+Workloads: `mlp` (tanh 2-256x6-1) and `resmlp` (tanh residual network, 256 wide, 12 residual
+blocks). Systems: `deepxde` (its own API: nested autograd through `dde.nn.FNN`; for `resmlp` an FNN
+of the same depth, as DeepXDE's pytorch backend has no residual network), and pinnsketch's
+`exact`, `checkpoint` and `lowrank` storage.
+
+Part 2, accuracy at the budget (`--accuracy`). A high-frequency Helmholtz problem on the unit
+square (the library's Helmholtz with k = 8 pi: four periods per direction; exact solution), sin
+network 64x4, where more collocation points give a better solution. For a budget of the step's
+live tensor bytes (`--accuracy-budget`, allocator meter, in process), the largest N under
+`exact` and under `lowrank` (bisection as above), then a full-batch run at each maximum (Adam,
+then L-BFGS) and its relative L2 error against the exact solution.
+
+    python benchmarks/scale.py                                   # 2 GiB, both workloads, all systems
+    python benchmarks/scale.py --budget 512MiB --workloads mlp   # a quicker look
+    python benchmarks/scale.py --accuracy-only --accuracy-budget 8MiB
+
+Writes results/scale.json (records: workload, storage, budget_bytes, max_points,
+peak_bytes_at_max, ratio_to_exact, step_time_s; accuracy records add l2_relative_error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+NU = 0.01 / math.pi
+SYSTEMS = ("deepxde", "exact", "checkpoint", "lowrank")
+WORKLOADS = ("mlp", "resmlp")
+
+
+def parse_bytes(text: str) -> int:
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(t)
+
+
+# -- one attempt (runs in a subprocess) ----------------------------------------------------------
+def _points(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 2, generator=g) * torch.tensor([2.0, 1.0]) - torch.tensor([1.0, 0.0])
+
+
+def _pinnsketch_step_fn(workload: str, storage: str, n: int, device: str):
+    from pinnsketch.nn import MLP, JetSpec, ResidualMLP
+
+    spec = JetSpec.from_names(["x", "t", "xx"], ["x", "t"])
+    cls, depth = (MLP, 6) if workload == "mlp" else (ResidualMLP, 12)
+    model = cls(2, 1, width=256, depth=depth, activation="tanh", storage=storage, seed=0, device=device)
+    x = _points(n).to(device)
+
+    def loss_fn():
+        u, ux, ut, uxx = model.jet(x, spec).streams
+        return (ut + u * ux - NU * uxx).square().mean()
+
+    return model, loss_fn
+
+
+def _deepxde_step_fn(workload: str, n: int, device: str):
+    os.environ.setdefault("DDE_BACKEND", "pytorch")
+    import deepxde as dde
+
+    depth = 6 if workload == "mlp" else 13          # resmlp: 12 residual blocks + the input map
+    net = dde.nn.FNN([2] + [256] * depth + [1], "tanh", "Glorot normal").to(device)
+    x = _points(n).to(device).requires_grad_(True)
+
+    def loss_fn():
+        y = net(x)
+        dy_x = dde.grad.jacobian(y, x, i=0, j=0)
+        dy_t = dde.grad.jacobian(y, x, i=0, j=1)
+        dy_xx = dde.grad.hessian(y, x, i=0, j=0)
+        dde.grad.clear()
+        return (dy_t + y * dy_x - NU * dy_xx).square().mean()
+
+    return net, loss_fn
+
+
+def attempt(workload: str, system: str, n: int, meter: str, device: str) -> dict:
+    """Peak memory and step time of 2 Adam steps + 1 L-BFGS iteration at N = n (this process)."""
+    from pinnsketch.nn import MemoryMeter, ResidentPeak
+
+    if system == "deepxde":
+        model, loss_fn = _deepxde_step_fn(workload, n, device)
+    else:
+        model, loss_fn = _pinnsketch_step_fn(workload, system, n, device)
+    params = list(model.parameters())
+    adam = torch.optim.Adam(params, lr=1e-3)
+    lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=50)
+    advance = getattr(model, "advance", lambda: None)
+
+    def adam_step():
+        adam.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        adam.step()
+        advance()
+
+    def closure():
+        lbfgs.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    def lbfgs_step():
+        lbfgs.step(closure)
+        advance()
+
+    def synced(fn):
+        def run():
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return run
+
+    steps = [synced(adam_step), synced(adam_step), synced(lbfgs_step)]
+    times, peak = [], 0
+    if meter == "rss":
+        with ResidentPeak() as rss:
+            for step in steps:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        peak = rss.peak_bytes
+    else:
+        for step in steps:
+            with MemoryMeter(step_peak=True) as m:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            peak = max(peak, m.step_peak_bytes or 0)
+    return {"peak_bytes": int(peak), "step_time_s": min(times[:2])}
+
+
+def run_attempt(workload: str, system: str, n: int, meter: str, device: str, threads: int) -> dict:
+    """`attempt` in a fresh subprocess (an out-of-memory failure there is a "does not fit")."""
+    cmd = [sys.executable, __file__, "--attempt", workload, system, str(n), "--meter", meter,
+           "--device", device, "--threads", str(threads)]
+    env = dict(os.environ, DDE_BACKEND="pytorch")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"peak_bytes": None, "step_time_s": None, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+
+
+def largest_fit(fits, start: int = 4096, limit: int = 1 << 24, tol: float = 0.05):
+    """The largest n with fits(n) -> (bool, record), by doubling from `start`, then bisection to `tol`."""
+    lo, lo_rec, hi = None, None, None
+    n = start
+    while n <= limit:
+        ok, rec = fits(n)
+        if not ok:
+            hi = n
+            break
+        lo, lo_rec, n = n, rec, 2 * n
+    if lo is None:
+        while n > 64:                               # not even `start`: halve down
+            n //= 2
+            ok, rec = fits(n)
+            if ok:
+                lo, lo_rec, hi = n, rec, 2 * n
+                break
+        if lo is None:
+            return 0, None
+    while hi is not None and hi / lo > 1 + tol:
+        mid = (lo + hi) // 2
+        ok, rec = fits(mid)
+        if ok:
+            lo, lo_rec = mid, rec
+        else:
+            hi = mid
+    return lo, lo_rec
+
+
+def capacity(args) -> list[dict]:
+    records = []
+    for workload in args.workloads:
+        found = {}
+        for system in args.systems:
+            def fits(n, system=system, workload=workload):
+                rec = run_attempt(workload, system, n, args.meter, args.device, args.threads)
+                ok = rec.get("peak_bytes") is not None and rec["peak_bytes"] <= args.budget
+                print(f"  {workload:7s} {system:10s} N={n:8d}  peak "
+                      f"{'-' if rec.get('peak_bytes') is None else rec['peak_bytes'] / 2**20:>8} MiB  "
+                      f"{'fits' if ok else 'no'}", flush=True)
+                return ok, rec
+            n, rec = largest_fit(fits, start=args.start)
+            found[system] = n
+            records.append({"workload": workload, "storage": system, "budget_bytes": args.budget,
+                            "meter": args.meter, "max_points": n,
+                            "peak_bytes_at_max": None if rec is None else rec["peak_bytes"],
+                            "step_time_s": None if rec is None else rec["step_time_s"]})
+        for r in records:
+            if r["workload"] == workload:
+                r["ratio_to_exact"] = (r["max_points"] / found["exact"]) if found.get("exact") else None
+    return records
+
+
+# -- accuracy at a fixed budget ----------------------------------------------------------------
+def accuracy(args) -> list[dict]:
+    import pinnsketch as ps
+    from pinnsketch.problems.helmholtz import Helmholtz
+
+    class HighFrequencyHelmholtz(Helmholtz):
+        """The library's Helmholtz with four periods per direction (k = 8 pi)."""
+
+        name = "helmholtz_k8pi"
+        k = 2 * math.pi * 4
+
+    problem = HighFrequencyHelmholtz()
+    network = ps.Network(width=64, depth=4, activation="sin")
+
+    def peak_at(storage: str, n: int) -> int:
+        """The step peak solve() meters (first Adam step: live tensor bytes above its start) at n points."""
+        result = ps.solve(problem, storage=storage, network=network, points=ps.Points(domain=n, boundary=0, initial=0),
+                          adam=ps.Adam(steps=2), lbfgs=ps.LBFGS(steps=0), seed=0, device="cpu", progress=False)
+        return result.step_peak_bytes
+
+    records = []
+    for storage in ("exact", "lowrank"):
+        n, _ = largest_fit(lambda n: ((p := peak_at(storage, n)) <= args.accuracy_budget, {"peak_bytes": p}),
+                           start=256, tol=0.05)
+        t0 = time.perf_counter()
+        result = ps.solve(problem, storage=storage, network=network,
+                          points=ps.Points(domain=n, boundary=0, initial=0),
+                          adam=ps.Adam(steps=args.accuracy_adam), lbfgs=ps.LBFGS(steps=args.accuracy_lbfgs),
+                          seed=0, device="cpu", progress=False)
+        records.append({"workload": "helmholtz_k8pi_sin64x4", "storage": storage,
+                        "budget_bytes": args.accuracy_budget, "meter": "allocator", "max_points": n,
+                        "peak_bytes_at_max": result.step_peak_bytes,
+                        "l2_relative_error": result.l2_relative_error,
+                        "adam_steps": args.accuracy_adam, "lbfgs_steps": args.accuracy_lbfgs,
+                        "train_seconds": time.perf_counter() - t0,
+                        "step_time_s": result.timing.get("adam_ms_per_step", math.nan) / 1e3})
+        print(f"  accuracy {storage:8s} N={n:6d}  L2 {result.l2_relative_error:.3e}", flush=True)
+    for r in records:
+        r["ratio_to_exact"] = r["max_points"] / records[0]["max_points"]
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=parse_bytes, default=parse_bytes("2GiB"), help="e.g. 2GiB, 512MiB")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--meter", choices=("rss", "allocator"), default=None,
+                   help="rss (CPU default) or allocator (CUDA default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--start", type=int, default=4096, help="first point count tried")
+    p.add_argument("--accuracy", action="store_true", help="also run the accuracy-at-budget part")
+    p.add_argument("--accuracy-only", action="store_true")
+    p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("8MiB"))
+    p.add_argument("--accuracy-adam", type=int, default=3000)
+    p.add_argument("--accuracy-lbfgs", type=int, default=1000)
+    p.add_argument("--json", type=Path, default=HERE / "results" / "scale.json")
+    p.add_argument("--attempt", nargs=3, metavar=("WORKLOAD", "SYSTEM", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.meter is None:
+        args.meter = "allocator" if args.device.startswith("cuda") else "rss"
+    if args.attempt:
+        workload, system, n = args.attempt
+        print(json.dumps(attempt(workload, system, int(n), args.meter, args.device)))
+        return 0
+    from pinnsketch.data.bench import git_commit
+
+    records = [] if args.accuracy_only else capacity(args)
+    if args.accuracy or args.accuracy_only:
+        records += accuracy(args)
+    device_name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                   else _cpu_model())
+    out = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "commit": git_commit(), "torch": torch.__version__, "device": args.device, "device_name": device_name,
+           "threads": args.threads, "python": platform.python_version(), "records": records}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+    runs = previous.get("runs", []) if isinstance(previous, dict) else []
+    runs.append(out)
+    args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    print(json.dumps(records, indent=2))
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
