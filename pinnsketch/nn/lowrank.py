@@ -17,16 +17,15 @@ feeds the weight gradient and the derivative path.
 
 **Rows as they come.** A block encodes its input rows as the chained forward
 produces them (`pinnsketch.nn.chain`), so the basis must exist before the
-first row arrives. It comes from the previous step: every measured call adds
-the Gram matrix z_s^T z_s of (a strided sample of at most `GRAM_ROWS` of) its
-rows, and `advance()` turns it into the next step's basis by one subspace
-iteration with Rayleigh-Ritz, warm-started from the current basis (Halko,
-Martinsson & Tropp 2011, Alg. 4.3); a call shape seen for the first time gets
-its basis from a sample of rows run through the chain beforehand (`prepare`).
-The basis is fixed within a step, so L-BFGS re-evaluations see the same
-compression; the residual absorbs whatever the one-step-old basis misses,
-and the measured error (below) says how much that is. No N-sized random test
-matrix is drawn.
+first row arrives. Once per step and call shape, the chain runs a strided
+sample of at most 2,048 rows through the network first (`prepare`, 1/16 of
+the forward at 32,768 points); the sample's Gram matrix z_s^T z_s refines the
+previous step's basis by one subspace iteration with Rayleigh-Ritz (Halko,
+Martinsson & Tropp 2011, Alg. 4.3, warm-started; a full eigendecomposition
+the first time). The basis is fixed within a step, so L-BFGS re-evaluations see
+the same compression; the quantized residual absorbs what a basis from a
+sample misses (a few shock rows), and the measured error (below) says how
+much that is. No N-sized random test matrix is drawn.
 
 **Never worse than exact.** A call whose compressed form would not be smaller
 than z_prev (a narrow coordinate input, a handful of rows, full rank with int8
@@ -191,6 +190,8 @@ class LowRankStorage(AbstractStorage):
         self.audit_count = 0
         self.events: list[dict] = []
         self._bases: dict[tuple[int, int], _Basis] = {}     # (streams, width) -> tracked subspace
+        self._fresh: set = set()                            # call shapes whose basis is this step's
+        self._pending_tails: list = []                      # residual factors of this step's bases
         self._pending_calls: list[_Measure] = []            # device-side measurements of this step
         self._pending_audits: list[tuple] = []
 
@@ -272,18 +273,31 @@ class LowRankStorage(AbstractStorage):
         return None
 
     def wants_sample(self, block, streams, width):
-        if (streams, width) in self._bases:
+        if (streams, width) in self._fresh:
             return False
         return self._stores_exactly(streams, 1 << 20, width, torch.float32, not block.piecewise_linear) is None
 
     def prepare(self, z_sample, block):
-        """Initial basis of a call shape (S, w): the top eigenvectors of the sample's Gram matrix."""
+        """This step's basis for calls of shape (S, w), from a sample of the step's input rows.
+
+        Called once per call shape and step, before the first call encodes a row: the Gram
+        matrix of the sample refines the previous step's basis by one subspace iteration with
+        Rayleigh-Ritz (a full eigendecomposition the first time, or when the subspace is a large
+        part of the width or changes size).
+        """
         s, _, w = z_sample.shape
-        check_finite_activation(z_sample, self.layer, self.name)       # once per call shape
         if self._rank is None:
+            check_finite_activation(z_sample, self.layer, self.name)       # once, before any basis exists
             self._start(w)
         gram = z_sample.mT @ z_sample                                           # (S, w, w)
-        self._bases[(s, w)] = _Basis.from_gram(gram, self._basis_size(w))
+        basis = self._bases.get((s, w))
+        if basis is None:
+            self._bases[(s, w)] = basis = _Basis.from_gram(gram, self._basis_size(w))
+        else:
+            basis.gram = gram
+            basis.update(self._basis_size(w))
+        self._fresh.add((s, w))
+        self._pending_tails.append(basis.tail_factors(min(self._rank, basis.q.shape[-1])))
 
     def _basis_size(self, w: int) -> int:
         """Columns of the tracked subspace: 2r, so that the energy at rank 2r is known."""
@@ -292,7 +306,7 @@ class LowRankStorage(AbstractStorage):
     def pack(self, z_prev, a, block):
         s, n, w = z_prev.shape
         if self.wants_sample(block, s, w):
-            self.prepare(z_prev, block)
+            self.prepare(z_prev[:, ::max(1, n // 2048)], block)
         packing = self.begin(tuple(z_prev.shape), z_prev.dtype, z_prev.device, block)
         packing.add(slice(0, n), z_prev, a)
         return packing.finish()
@@ -371,10 +385,12 @@ class LowRankStorage(AbstractStorage):
             self._pending_audits.append((torch.linalg.norm(acc), torch.linalg.norm(grad_w), spread,
                                          p["measured"], p["points"], p["streams"]))
 
-    def _resolve_pending(self, tails: list[tuple[list[str], torch.Tensor]] = ()) -> None:
-        """Read the step's measurements (and the bases' residual factors `tails`) on the host in one
-        transfer, and feed them to the controller."""
-        calls, audits, tails = self._pending_calls, self._pending_audits, [t for t in tails if t[1] is not None]
+    def _resolve_pending(self) -> None:
+        """Read the step's measurements and its bases' residual factors on the host in one transfer,
+        and feed them to the controller."""
+        calls, audits = self._pending_calls, self._pending_audits
+        tails = [t for t in self._pending_tails if t[1] is not None]
+        self._pending_tails = []
         if not calls and not audits and not tails:
             return
         values = torch.cat([torch.cat([c.norm_sq, c.low_sq, c.err_sq]) for c in calls]
@@ -410,18 +426,6 @@ class LowRankStorage(AbstractStorage):
                      if grad_norm > 0 and n > 1 else None)
             self._record_audit(err, measure.recon, amp, noise, streams)
         self._pending_calls, self._pending_audits = [], []
-
-    def _update_bases(self) -> list[tuple[list[str], torch.Tensor]]:
-        """Next step's bases from this step's Gram matrices (device work only); the residual factors
-        at ranks 2r and r/2 as device tensors, for `_resolve_pending` to read."""
-        tails = []
-        for (_, w), basis in self._bases.items():
-            if basis.gram is None:
-                continue
-            basis.update(self._basis_size(w))
-            if self._rank is not None:
-                tails.append(basis.tail_factors(min(self._rank, basis.q.shape[-1])))
-        return tails
 
     # -- control -------------------------------------------------------------------
     def _record_audit(self, grad_error: float, recon_error: float, amp: float | None, noise: float | None,
@@ -484,7 +488,8 @@ class LowRankStorage(AbstractStorage):
         # the one host read of the policy per step: the controller reads the step's measurements
         # here, never inside the forward or backward pass (on CUDA the eigensolver of the basis
         # update also waits for its small result)
-        self._resolve_pending(self._update_bases())
+        self._resolve_pending()
+        self._fresh = set()
         if self._controlled and self._rank is not None:
             self._control()
         self._step_recon = None
@@ -594,6 +599,7 @@ class LowRankStorage(AbstractStorage):
         state["lowrank"] = copy.deepcopy({k: getattr(self, k) for k in self._STATE})
         state["lowrank"]["_step_measured"] = sorted(list(m) for m in self._step_measured)
         state["lowrank"]["bases"] = {repr(key): b.state() for key, b in self._bases.items()}
+        state["lowrank"]["fresh"] = sorted(list(k) for k in self._fresh)
         return state
 
     def set_extra_state(self, state):
@@ -604,13 +610,9 @@ class LowRankStorage(AbstractStorage):
                 setattr(self, k, v)
         self._step_measured = {tuple(m) for m in saved.get("_step_measured", [])}
         self._bases = {ast.literal_eval(key): _Basis.from_state(b) for key, b in saved.get("bases", {}).items()}
+        self._fresh = {tuple(k) for k in saved.get("fresh", [])}
+        self._pending_tails = []
         self._pending_calls, self._pending_audits = [], []
-
-
-#: Rows per call that feed the basis' Gram matrix (a strided sample of larger calls): the Gram
-#: matrix then costs at most 2048 / N of a forward matrix product, and 2,048 rows per stream
-#: pin down a subspace of a few dozen dimensions in a width of a few hundred.
-GRAM_ROWS = 2048
 
 
 class _Measure:
@@ -628,12 +630,11 @@ class _Measure:
 class _Basis:
     """The tracked top right-singular subspace of one call shape (S streams, width w).
 
-    q (S, w, k): orthonormal columns ordered by decreasing energy; it encodes the next
-    step's calls. gram (S, w, w): the sampled Gram matrix z^T z accumulated over the
-    current step's measured calls; `update` turns it into the next q by one subspace
-    iteration with Rayleigh-Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.3 with q = 1,
-    warm-started from the previous basis), or by a full eigendecomposition when the
-    subspace is a large part of the width or changes size.
+    q (S, w, k): orthonormal columns ordered by decreasing energy; it encodes the step's
+    calls. gram (S, w, w): the Gram matrix z^T z of the step's row sample; `update` turns
+    it into the new q by one subspace iteration with Rayleigh-Ritz (Halko, Martinsson &
+    Tropp 2011, Alg. 4.3 with q = 1, warm-started from the previous basis), or by a full
+    eigendecomposition when the subspace is a large part of the width or changes size.
     """
 
     def __init__(self, q: torch.Tensor, evals: torch.Tensor, energy: torch.Tensor):
@@ -720,8 +721,6 @@ class _LowRankPacking(Packing):
             if isinstance(block.activation, ReLU):
                 self.mask = torch.empty(n, -(-w // 8), dtype=torch.uint8, device=device)
         self.measure = _Measure(shape, device) if measure else None
-        self.gram = None
-        self.stride = max(1, n // GRAM_ROWS)
         self.y = self.omega = None
         if audit:
             self.omega = make_operator("gaussian", policy.audit_size, w, seed=policy.step_seed("audit"), dtype=dtype,
@@ -740,10 +739,6 @@ class _LowRankPacking(Packing):
         if measure is not None:
             measure.norm_sq += _sum_squares(z)          # non-finite values are reported at advance()
             measure.low_sq += _sum_squares(residual)
-            # the Gram matrix of a strided sample of the rows (every `stride`-th row of the call)
-            zs = z[:, (-rows.start) % self.stride::self.stride]
-            part = zs.mT @ zs
-            self.gram = part if self.gram is None else self.gram.add_(part)
         decode = measure is not None or self.audit
         for i, (codec, streams) in enumerate(self.groups):
             sub = residual[streams]                                          # (G, m, w)
@@ -780,8 +775,6 @@ class _LowRankPacking(Packing):
         policy, (s, n, w) = self.policy, self.shape
         if self.measure is not None:
             policy._pending_calls.append(self.measure)
-            if self.gram is not None:
-                self.basis.gram = self.gram if self.basis.gram is None else self.basis.gram.add_(self.gram)
         if self.fallback:
             saved = [self.kept.z]
         else:

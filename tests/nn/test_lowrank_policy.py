@@ -28,10 +28,10 @@ def x():
     return torch.rand(48, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
 
 
-def test_basis_is_fixed_within_a_step_and_follows_the_weights_a_step_later(x):
-    """L-BFGS re-evaluates the loss within one step: the gradients must agree bit for bit. The
-    basis of step t+1 comes from the Gram matrices measured in step t: after a weight change it
-    lags one step, then equals the basis a fresh model computes at the new weights."""
+def test_basis_is_fixed_within_a_step_and_refreshed_by_the_next(x):
+    """L-BFGS re-evaluates the loss within one step: the gradients must agree bit for bit, also after
+    the weights moved (the basis stays the step's). The next step takes its basis from a sample at
+    the new weights: the same gradients as a fresh model at those weights."""
     def make():
         return MLP(2, 1, width=16, depth=2, dtype=torch.float64, seed=2,
                    storage=LowRankStorage(rank=2, residual=None, value_residual=None, adaptive=False))
@@ -47,14 +47,14 @@ def test_basis_is_fixed_within_a_step_and_follows_the_weights_a_step_later(x):
     assert torch.equal(first, again)
     with torch.no_grad():
         model.blocks[1].weight.mul_(1.5)
-    model.advance()
-    stale = grads(model)                          # new weights, basis measured at the old ones
+    within = grads(model)                         # moved weights, this step's basis
     model.advance()
     fresh_model = make()
     fresh_model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
                                 strict=False)
-    assert not torch.equal(grads(model), stale)
-    assert torch.equal(grads(model), grads(fresh_model))
+    refreshed = grads(model)
+    assert not torch.equal(refreshed, within)
+    assert torch.equal(refreshed, grads(fresh_model))
 
 
 def test_first_hidden_block_streams_are_low_rank(x):
