@@ -213,7 +213,10 @@ def make_codec(name: str | AbstractCodec) -> AbstractCodec:
     return CODECS[name]()
 
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """(1, 2, 4, ..., 128) as uint8, made on `device` (a host list copied to a GPU would wait for it)."""
+    return torch.ones(8, dtype=torch.uint8, device=device).bitwise_left_shift_(
+        torch.arange(8, dtype=torch.uint8, device=device))
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -222,12 +225,10 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) * _bit_weights(mask.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `pack_mask`: uint8 bits -> boolean tensor of `shape`."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    bits = (packed[:, None] & weights) != 0
+    bits = (packed[:, None] & _bit_weights(packed.device)) != 0
     return bits.reshape(-1)[: math.prod(shape)].reshape(shape)
