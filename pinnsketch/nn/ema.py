@@ -97,6 +97,7 @@ class EMAStorage(AbstractStorage):
                  r_min: int = 1, r_max: int | None = 32, operator: str = "gaussian", derivative: str = "bfloat16",
                  error_size: int = 10):
         super().__init__()
+        self._record_options(locals())
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             raise StorageError(f"beta={beta!r} must lie in [0, 1) (EMA decay)")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):

@@ -146,6 +146,7 @@ class LowRankStorage(AbstractStorage):
                  r_min: int = 4, r_max: int = 32, audit_every: int = 1, audit_size: int = 8, path_gain: float | None = 16.0,
                  noise_fraction: float | None = None, patience: int = 3, group: int | None = None):
         super().__init__()
+        self._record_options(locals())
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
             raise StorageError(f"target={target!r} must be a positive float (relative weight-gradient error)")
         for name, value in (("rank", rank), ("initial_rank", initial_rank), ("r_min", r_min), ("r_max", r_max),

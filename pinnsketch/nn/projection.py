@@ -51,6 +51,7 @@ class ProjectionStorage(AbstractStorage):
     def __init__(self, k: int | None = None, *, fraction: float = 0.125, operator: str = "srft",
                  derivative: str = "bfloat16"):
         super().__init__()
+        self._record_options(locals())
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise StorageError(f"k={k!r} must be a positive int (projected rows) or None")
         if not 0 < fraction <= 1:

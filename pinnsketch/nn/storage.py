@@ -159,6 +159,23 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         self.last: dict[str, Any] = {}           # the step's largest call (for storage_report)
         self._noted_step = -1
 
+    def _record_options(self, given: dict[str, Any]) -> None:
+        """Keep the constructor's arguments (call with ``locals()`` first thing in ``__init__``) for `config`."""
+        import inspect
+
+        params = inspect.signature(type(self).__init__).parameters
+        self._options = {name: given[name] for name in params if name != "self" and name in given}
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that differ from their defaults: ``type(self)(**config())``
+        builds the same policy (run files record it; `make_storage("name:key=value")` reads it)."""
+        import inspect
+
+        params = inspect.signature(type(self).__init__).parameters
+        options = getattr(self, "_options", {})
+        return {k: v for k, v in options.items() if params[k].default is inspect.Parameter.empty
+                or v != params[k].default}
+
     def bind(self, layer: int, seed: int, n_layers: int = 1) -> "AbstractStorage":
         """Attach the policy to block `layer` of `n_layers` in a model whose storage seed is `seed`."""
         self.layer, self.seed, self.n_layers = int(layer), int(seed), int(n_layers)
@@ -326,6 +343,7 @@ class CheckpointStorage(ExactStorage):
 
     def __init__(self, segment: int | None = None):
         super().__init__()
+        self._record_options(locals())
         if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
             raise ValueError(f"segment={segment!r} must be a positive int (blocks per checkpointed segment) "
                              "or None for round(sqrt(run length))")

@@ -136,3 +136,13 @@ def test_policy_object_is_cloned_per_block():
     storages = model.storages
     assert len({id(s) for s in storages}) == 3 and all(s is not p for s in storages)
     assert [s.layer for s in storages] == [0, 1, 2] and all(s.target == 0.05 for s in storages)
+
+
+@pytest.mark.parametrize("policy", [LowRankStorage(target=1e-3, residual="int8", r_max=16), EMAStorage(beta=0.5),
+                                    ProjectionStorage(k=8), LowRankStorage()])
+def test_config_rebuilds_the_policy(policy):
+    """config() lists the constructor arguments that differ from the defaults, so run files can record
+    a policy object and rebuild it."""
+    config = policy.config()
+    assert type(policy)(**config).config() == config
+    assert config == {k: v for k, v in config.items() if k in type(policy).__init__.__code__.co_varnames}
