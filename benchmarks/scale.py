@@ -197,7 +197,7 @@ def largest_fit(fits, start: int = 4096, limit: int = 1 << 24, tol: float = 0.05
     return lo, lo_rec
 
 
-def capacity(args) -> list[dict]:
+def capacity(args, save=lambda records: None) -> list[dict]:
     records = []
     for workload in args.workloads:
         found = {}
@@ -218,6 +218,7 @@ def capacity(args) -> list[dict]:
         for r in records:
             if r["workload"] == workload:
                 r["ratio_to_exact"] = (r["max_points"] / found["exact"]) if found.get("exact") else None
+        save(records)
     return records
 
 
@@ -290,19 +291,24 @@ def main(argv=None) -> int:
         return 0
     from pinnsketch.data.bench import git_commit
 
-    records = [] if args.accuracy_only else capacity(args)
-    if args.accuracy or args.accuracy_only:
-        records += accuracy(args)
     device_name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
                    else _cpu_model())
     out = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "commit": git_commit(), "torch": torch.__version__, "device": args.device, "device_name": device_name,
-           "threads": args.threads, "python": platform.python_version(), "records": records}
+           "threads": args.threads, "python": platform.python_version(), "records": []}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.json.read_text()) if args.json.exists() else {}
     runs = previous.get("runs", []) if isinstance(previous, dict) else []
     runs.append(out)
-    args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+
+    def save(records):                         # after every workload: a long run keeps what it found
+        out["records"] = records
+        args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+
+    records = [] if args.accuracy_only else capacity(args, save)
+    if args.accuracy or args.accuracy_only:
+        records += accuracy(args)
+    save(records)
     print(json.dumps(records, indent=2))
     return 0
 
