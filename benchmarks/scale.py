@@ -27,6 +27,7 @@ then L-BFGS) and its relative L2 error against the exact solution.
     python benchmarks/scale.py                                   # 2 GiB, both workloads, all systems
     python benchmarks/scale.py --budget 512MiB --workloads mlp   # a quicker look
     python benchmarks/scale.py --accuracy-only --accuracy-budget 8MiB
+    python benchmarks/scale.py --at 32768 --workloads mlp        # every system at one size, no search
 
 Writes results/scale.json (records: workload, storage, budget_bytes, max_points,
 peak_bytes_at_max, ratio_to_exact, step_time_s; accuracy records add l2_relative_error).
@@ -222,6 +223,23 @@ def capacity(args, save=lambda records: None) -> list[dict]:
     return records
 
 
+def at_points(args, save=lambda records: None) -> list[dict]:
+    """Peak memory and step time of every system at fixed point counts (`--at N ...`), one subprocess each."""
+    records = []
+    for workload in args.workloads:
+        for n in args.at:
+            row = {s: run_attempt(workload, s, n, args.meter, args.device, args.threads) for s in args.systems}
+            for system, rec in row.items():
+                ref = row.get("exact", {}).get("peak_bytes")
+                records.append({"workload": workload, "storage": system, "points": n, "meter": args.meter,
+                                "peak_bytes": rec.get("peak_bytes"), "step_time_s": rec.get("step_time_s"),
+                                "peak_ratio_to_exact": None if not ref or rec.get("peak_bytes") is None
+                                else rec["peak_bytes"] / ref, **({"error": rec["error"]} if "error" in rec else {})})
+                print(f"  {workload:7s} {system:10s} N={n:8d}  peak {rec.get('peak_bytes')}", flush=True)
+            save(records)
+    return records
+
+
 # -- accuracy at a fixed budget ----------------------------------------------------------------
 def accuracy(args) -> list[dict]:
     import pinnsketch as ps
@@ -274,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--start", type=int, default=4096, help="first point count tried")
+    p.add_argument("--at", type=int, nargs="+", default=None, metavar="N",
+                   help="no search: measure every system at these point counts")
     p.add_argument("--accuracy", action="store_true", help="also run the accuracy-at-budget part")
     p.add_argument("--accuracy-only", action="store_true")
     p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("8MiB"))
@@ -305,7 +325,10 @@ def main(argv=None) -> int:
         out["records"] = records
         args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
 
-    records = [] if args.accuracy_only else capacity(args, save)
+    if args.at:
+        records = at_points(args, save)
+    else:
+        records = [] if args.accuracy_only else capacity(args, save)
     if args.accuracy or args.accuracy_only:
         records += accuracy(args)
     save(records)
