@@ -78,19 +78,22 @@ def _stage_forward(stage: ChainStage, z: torch.Tensor, weight, bias,
     return a, out
 
 
-def prepare_chain(stages: tuple[ChainStage, ...], z: torch.Tensor, params: list[torch.Tensor],
-                  sample_rows: int = 2048) -> None:
+def prepare_chain(stages: tuple[ChainStage, ...], z: torch.Tensor, params: list[torch.Tensor]) -> None:
     """Give policies that ask for it (`AbstractStorage.wants_sample`) a sample of their input rows.
 
     A policy that encodes rows as they are produced needs what it learns from the
     whole input (lowrank: its basis) before the first row arrives; it gets that
-    from a strided sample of at most `sample_rows` rows, run through the chain
-    without storing anything (once per step and call shape: at N = 32,768 points
-    the sample costs 1/16 of the forward).
+    from a strided sample of rows run through the chain without storing anything,
+    once per step and call shape: 8 rows per unit of width, between 256 and 2,048
+    (a basis of a few dozen directions in w dimensions needs a few times w rows;
+    at 32,768 points and width 256 the sample costs 1/16 of the forward).
     """
     s, n, _ = z.shape
-    if not any(st.block.storage.wants_sample(st.block, s, params[2 * i].shape[1]) for i, st in enumerate(stages)):
+    widths = [params[2 * i].shape[1] for i, st in enumerate(stages)
+              if st.block.storage.wants_sample(st.block, s, params[2 * i].shape[1])]
+    if not widths:
         return
+    sample_rows = min(2048, max(256, 8 * max(widths)))
     stride = max(1, -(-n // sample_rows))
     with torch.no_grad():
         zs = z[:, ::stride]

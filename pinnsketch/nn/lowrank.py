@@ -18,8 +18,9 @@ feeds the weight gradient and the derivative path.
 **Rows as they come.** A block encodes its input rows as the chained forward
 produces them (`pinnsketch.nn.chain`), so the basis must exist before the
 first row arrives. Once per step and call shape, the chain runs a strided
-sample of at most 2,048 rows through the network first (`prepare`, 1/16 of
-the forward at 32,768 points); the sample's Gram matrix z_s^T z_s refines the
+sample of rows through the network first (`prepare`: 8 rows per unit of
+width, 256 to 2,048; 1/16 of the forward at 32,768 points and width 256);
+the sample's Gram matrix z_s^T z_s refines the
 previous step's basis by one subspace iteration with Rayleigh-Ritz (Halko,
 Martinsson & Tropp 2011, Alg. 4.3, warm-started; a full eigendecomposition
 the first time). The basis is fixed within a step, so L-BFGS re-evaluations see
@@ -307,7 +308,7 @@ class LowRankStorage(AbstractStorage):
     def pack(self, z_prev, a, block):
         s, n, w = z_prev.shape
         if self.wants_sample(block, s, w):
-            self.prepare(z_prev[:, ::max(1, n // 2048)], block)
+            self.prepare(z_prev[:, ::max(1, n // min(2048, max(256, 8 * w)))], block)
         packing = self.begin(tuple(z_prev.shape), z_prev.dtype, z_prev.device, block)
         packing.add(slice(0, n), z_prev, a)
         return packing.finish()

@@ -164,7 +164,7 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         import inspect
 
         params = inspect.signature(type(self).__init__).parameters
-        self._options = {name: given[name] for name in params if name != "self" and name in given}
+        self._init_options = {name: given[name] for name in params if name != "self" and name in given}
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments that differ from their defaults: ``type(self)(**config())``
@@ -172,7 +172,7 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         import inspect
 
         params = inspect.signature(type(self).__init__).parameters
-        options = getattr(self, "_options", {})
+        options = getattr(self, "_init_options", {})
         return {k: v for k, v in options.items() if params[k].default is inspect.Parameter.empty
                 or v != params[k].default}
 
