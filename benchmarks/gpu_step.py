@@ -201,9 +201,9 @@ def measure(config: dict, device: torch.device) -> dict:
     return record
 
 
-def measure_in_subprocess(config: dict, timeout: float | None) -> dict:
+def measure_in_subprocess(config: dict, timeout: float | None, threads: int = 0) -> dict:
     """CPU: one configuration in a fresh interpreter (its peak resident memory is its own)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(config)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), "--one", json.dumps(config)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
                 elif device.type == "cuda" or opts.in_process:
                     record = measure(config, device)
                 else:
-                    record = measure_in_subprocess(config, timeout=left if left is not None else None)
+                    record = measure_in_subprocess(config, timeout=left, threads=opts.threads)
                 payload["records"].append(record)
                 shown = (f"{record['step_ms']:9.1f} ms  peak {record['peak_bytes'] / 2**20:9.1f} MiB  "
                          f"saved {record['saved_peak_bytes'] / 2**20:9.1f} MiB" if record["status"] == "ok"
