@@ -307,8 +307,9 @@ def main(argv=None) -> int:
         "process_per_configuration": device.type == "cpu" and not opts.in_process, "records": [],
     }
     start = time.perf_counter()
-    for n in points:
-        for network in opts.networks:
+    # Network-major, sizes ascending: under a time budget the first network's table is complete first.
+    for network in opts.networks:
+        for n in points:
             for storage in opts.storages:
                 config = {"network": network, "storage": storage, "points": n, "width": opts.width,
                           "depth": opts.depth, "residual_depth": opts.residual_depth, "steps": opts.steps,
