@@ -1,0 +1,133 @@
+"""benchmarks/gpu_check.sh --dry-run (the GPU check's pipeline on the CPU) and the pieces it runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_writes_every_result(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(results) == {"gpu_check_cpu.json", "gpu_step_cpu.json", "vs_deepxde_cpu.json",
+                            "solve_burgers_cpu.json"}
+
+    check = results["gpu_check_cpu.json"]
+    assert check["dry_run"] and [s["name"] for s in check["steps"]] == [
+        "cuda_tests", "gpu_step", "vs_deepxde", "solve_burgers"]
+    assert all(s["status"] == "ok" and s["seconds"] > 0 for s in check["steps"])
+
+    step = results["gpu_step_cpu.json"]
+    assert step["cpu_model"] and step["commit"]
+    combos = {(r["network"], r["storage"]) for r in step["records"]}
+    assert combos == {(n, s) for n in ("mlp", "residual") for s in ("nested", "exact", "checkpoint", "lowrank")}
+    for r in step["records"]:
+        assert r["status"] == "ok" and r["step_ms"] > 0 and r["saved_peak_bytes"] > 0 and r["peak_bytes"] >= 0
+
+    vs = results["vs_deepxde_cpu.json"]
+    assert vs["cpu_model"] and vs["rounds"] == 2 and vs["timing"].startswith("interleaved")
+    for key in ("speedup", "speedup_lowrank", "deepxde_l2", "pinnsketch_l2", "threads", "torch", "commit"):
+        assert vs[key] is not None, key
+    assert set(vs["pinnsketch"]) == {"exact", "lowrank"}
+
+    solve = results["solve_burgers_cpu.json"]
+    assert [r["storage"] for r in solve["records"]] == ["exact", "lowrank"]
+    for r in solve["records"]:
+        assert r["status"] == "ok" and 0 < r["l2_relative_error"] < 10 and r["run_device"] == "cpu"
+
+
+def test_gpu_step_measures_one_configuration_in_a_fresh_process():
+    bench = load("gpu_step")
+    config = {"network": "residual", "storage": "lowrank", "points": 128, "width": 8, "depth": 2,
+              "residual_depth": 2, "steps": 1, "warmup": 1}
+    record = bench.measure_in_subprocess(config, timeout=300)
+    assert record["status"] == "ok", record
+    assert record["points"] == 128 and record["step_ms"] > 0 and record["saved_peak_bytes"] > 0
+
+
+def test_nested_and_jet_residuals_agree():
+    # The baseline and pinnsketch compute the same loss on the same weights (float64).
+    import torch
+
+    from pinnsketch.nn import MLP, JetSpec
+
+    bench = load("gpu_step")
+    model = MLP(2, 1, width=8, depth=3, seed=0, dtype=torch.float64)
+    net = bench.nested_network("mlp", 8, 3, device="cpu", dtype=torch.float64, seed=0)
+    with torch.no_grad():
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        for lin, block in zip(linears, model.blocks):
+            lin.weight.copy_(block.weight)
+            lin.bias.copy_(block.bias)
+    x = bench.collocation(64, torch.device("cpu")).double()
+    spec = JetSpec.from_names(["x", "t", "xx"], ["x", "t"])
+    torch.testing.assert_close(bench.nested_loss(net, x), bench.jet_loss(model, x, spec), rtol=1e-10, atol=0)
+
+
+def test_variants_solve_lacks_are_reported_absent():
+    import inspect
+
+    import pinnsketch as ps
+
+    bench = load("vs_deepxde")
+    ok, absent = bench.available_variants(list(bench.VARIANTS))
+    has_compile = "compile" in inspect.signature(ps.solve).parameters
+    assert {"exact", "lowrank"} <= set(ok)
+    assert ("compiled" in ok) == has_compile and ("compiled" in absent) == (not has_compile)
+    assert all("compile" in why for why in absent.values())
+    assert set(bench.SPEEDUP_KEYS) == set(bench.VARIANTS)
+
+
+def test_baton_gives_turns_in_order():
+    bench = load("vs_deepxde")
+    names = ["a", "b", "c"]
+    baton, log = bench.Baton(names), []
+
+    def worker(name, turns):
+        baton.wait(name)
+        for k in range(turns):
+            log.append(name)
+            if k + 1 < turns:
+                baton.pass_on(name)
+                baton.wait(name)
+        baton.leave(name)
+
+    threads = [threading.Thread(target=worker, args=(n, t)) for n, t in zip(names, (3, 1, 2))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    assert log == ["a", "b", "c", "a", "c", "a"]
+
+
+def test_reference_file_and_its_errors(tmp_path):
+    bench = load("vs_deepxde")
+    x, t = np.linspace(-1, 1, 5)[:, None], np.linspace(0, 0.99, 3)[:, None]
+    usol = np.arange(15.0).reshape(5, 3)
+    np.savez(tmp_path / "ref.npz", x=x, t=t, usol=usol)
+    pts, u = bench.reference(str(tmp_path / "ref.npz"))
+    assert pts.shape == (15, 2) and u.shape == (15, 1)
+    assert tuple(pts[4]) == (x[1, 0], t[1, 0]) and u[4, 0] == usol[1, 1]
+    np.savez(tmp_path / "bad.npz", x=x, usol=usol)
+    with pytest.raises(ValueError, match="lacks the arrays \\['t'\\]"):
+        bench.reference(str(tmp_path / "bad.npz"))

@@ -1,0 +1,148 @@
+"""Every storage policy, the solver and the classifier bench on CUDA against the CPU.
+
+For each policy an MLP built from the same seed on both devices (float64) runs the
+fused jet forward, the backward and two Adam steps; values and parameter gradients
+must agree. The sketching policies use settings under which they store the
+activations exactly (full rank, no quantized residual, exact derivative codec), so
+that a difference between devices is a device bug, not sketching noise: their
+random test matrices come from per-device generators and differ between CPU and
+CUDA. `test_exact_settings_match_exact_storage` (CPU, always runs) checks that those
+settings are indeed exact, which is what gives the CUDA comparison its meaning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pinnsketch.nn import MLP, STORAGES, EMAStorage, JetSpec, LowRankStorage, ProjectionStorage
+
+WIDTH, DEPTH, POINTS = 24, 3, 200
+SPEC = JetSpec.from_names(["x", "t", "xx"], ["x", "t"])
+NU = 0.01 / math.pi
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def exact_settings(name: str):
+    """Policy `name` under settings where it stores z_prev exactly (up to rounding): a
+    name or one policy per block (block 0 stores the 2 input columns, the others WIDTH)."""
+    ranks = [2] + [WIDTH] * DEPTH
+    if name == "lowrank":
+        return [LowRankStorage(rank=r, r_min=r, r_max=r, adaptive=False, residual=None, value_residual=None,
+                               audit_every=0) for r in ranks]
+    if name == "ema":
+        return [EMAStorage(beta=0.0, rank=r, r_max=r, derivative="exact") for r in ranks]
+    if name == "projection":
+        return ProjectionStorage(k=POINTS, operator="srft", derivative="exact")
+    return name
+
+
+# Relative tolerance per policy: rounding only, amplified by the sketches' least-squares solves.
+TOLERANCE = {"exact": 1e-10, "checkpoint": 1e-10, "lowrank": 1e-8, "ema": 1e-6, "projection": 1e-8}
+
+
+def points(device) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    x = torch.rand(POINTS, 2, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 1.0], dtype=torch.float64)
+    return (x - torch.tensor([1.0, 0.0], dtype=torch.float64)).to(device)
+
+
+def burgers_loss(model: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared Burgers residual and the jet streams (S, N, 1) it came from."""
+    jet = model.jet(x, SPEC)
+    u, ux, ut, uxx = (jet.d(mi) for mi in ((), (0,), (1,), (0, 0)))
+    return ((ut + u * ux - NU * uxx) ** 2).mean(), jet.streams
+
+
+def trajectory(storage, device: str, steps: int = 2) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per step: the jet streams and the parameter gradients (on the CPU), then an Adam step."""
+    model = MLP(2, 1, width=WIDTH, depth=DEPTH, storage=storage, seed=0, dtype=torch.float64, device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, out = points(device), []
+    for _ in range(steps):
+        model.advance()
+        opt.zero_grad(set_to_none=True)
+        loss, streams = burgers_loss(model, x)
+        loss.backward()
+        out.append((streams.detach().cpu(), [p.grad.detach().cpu() for p in model.parameters()]))
+        opt.step()
+    return out
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, what: str) -> None:
+    err = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+    assert err <= rtol, f"{what}: relative difference {err:.2e} > {rtol:.0e}"
+
+
+def assert_same_trajectory(got, want, rtol: float) -> None:
+    for step, ((s1, g1), (s2, g2)) in enumerate(zip(got, want)):
+        assert_close(s1, s2, rtol, f"step {step} jet streams")
+        for i, (a, b) in enumerate(zip(g1, g2)):
+            assert_close(a, b, rtol, f"step {step} gradient of parameter {i}")
+
+
+def test_every_policy_is_covered():
+    assert set(TOLERANCE) == set(STORAGES)
+
+
+@pytest.mark.parametrize("name", sorted(STORAGES))
+def test_exact_settings_match_exact_storage(name):
+    assert_same_trajectory(trajectory(exact_settings(name), "cpu"), trajectory("exact", "cpu"), TOLERANCE[name])
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(STORAGES))
+def test_policy_on_cuda_matches_cpu(name):
+    storage = exact_settings(name)
+    assert_same_trajectory(trajectory(storage, "cuda"), trajectory(storage, "cpu"), TOLERANCE[name])
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lowrank", "ema", "projection"])
+def test_default_sketching_policy_runs_on_cuda(name):
+    # Default (adaptive, quantized) settings: no exact agreement to check, but the
+    # CUDA code paths of the sketches, codecs and audits must run and stay finite.
+    out = trajectory(name, "cuda", steps=3)
+    for streams, grads in out:
+        assert torch.isfinite(streams).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+@needs_cuda
+def test_seeding_under_default_device_cuda():
+    # vs_deepxde.py's situation: deepxde's import switches the default device to CUDA.
+    want = MLP(2, 1, width=20, depth=3, seed=0)
+    previous = torch.get_default_device()
+    torch.set_default_device("cuda")
+    try:
+        got = MLP(2, 1, width=20, depth=3, seed=0)
+        assert all(p.device.type == "cuda" for p in got.parameters())
+    finally:
+        torch.set_default_device(previous)
+    for a, b in zip(got.parameters(), want.parameters()):
+        assert torch.equal(a.detach().cpu(), b.detach())
+
+
+@needs_cuda
+@pytest.mark.parametrize("storage", sorted(STORAGES))
+def test_solve_on_cuda(storage):
+    import pinnsketch as ps
+    from pinnsketch.problems.burgers import Burgers
+
+    result = ps.solve(Burgers(), storage=storage, device="cuda", network=ps.Network(width=16, depth=2),
+                      adam=ps.Adam(steps=5), lbfgs=ps.LBFGS(steps=2),
+                      points=ps.Points(domain=256, boundary=32, initial=32), eval_every=5, progress=False)
+    assert result.config["device"].startswith("cuda")
+    assert result.l2_relative_error is not None and math.isfinite(result.l2_relative_error)
+
+
+@needs_cuda
+def test_bench_digits_on_cuda(tmp_path):
+    from pinnsketch.cli import main
+
+    out = tmp_path / "digits.json"
+    assert main(["bench", "digits", "--storage", "exact", "lowrank", "--epochs", "1", "--device", "cuda",
+                 "--no-progress", "--json", str(out)]) == 0
+    assert out.exists()
