@@ -102,6 +102,8 @@ class RunWriter(Callback):
         self._file = RunFile(self.path, compression=self.compression)
         root = _root_attributes(state)
         root["config"] = {**root["config"], **self.config}
+        if "storage" in self.config:          # the caller's own record replaces the derived one
+            root["config"].pop("storage_options", None)
         if "storage" in self.config and isinstance(self.config["storage"], str):
             root["storage"] = self.config["storage"]
         self._file.write_root(**root)

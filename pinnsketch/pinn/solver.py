@@ -443,7 +443,8 @@ def _lbfgs_reason(opt: torch.optim.LBFGS, lbfgs: LBFGS, evals: int) -> tuple[str
     s, group = opt.state[opt._params[0]], opt.param_groups[0]
     d, t, g = s.get("d"), s.get("t"), s.get("prev_flat_grad")
     if d is not None and g is not None and float(g.dot(d)) > -lbfgs.tolerance_change:
-        return "no descent direction", f"directional derivative > -tolerance_change={lbfgs.tolerance_change:g}"
+        return "directional derivative tolerance", (f"directional derivative > -tolerance_change="
+                                                    f"{lbfgs.tolerance_change:g}")
     if evals >= group["max_eval"]:
         return "line search budget", (f"{evals} loss evaluations reached max_eval={group['max_eval']} "
                                       f"(max_line_search={lbfgs.max_line_search})")
