@@ -232,3 +232,16 @@ def test_checkpoint_every_zero_writes_only_the_final_state(tmp_path, capsys):
     run = load(out)
     assert run.checkpoint_step == 12 and run.completed and run.training["step"].tolist() == list(range(1, 13))
     capsys.readouterr()
+
+
+def test_a_checkpoint_is_written_when_the_adam_phase_ends(tmp_path):
+    class StopInLBFGS(ps.Callback):
+        def on_step(self, state):
+            if state.phase == "lbfgs":
+                raise KeyboardInterrupt
+
+    path = tmp_path / "phase.h5"
+    with pytest.raises(KeyboardInterrupt):
+        ps.solve(Parabola1D(), **solve_options(), callbacks=[RunWriter(path, checkpoint_every=1000), StopInLBFGS()])
+    run = load(path)
+    assert run.checkpoint_step == 24 and run.attrs["stop_phase"] == "lbfgs"      # Adam's 24 steps are kept
