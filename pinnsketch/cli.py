@@ -69,11 +69,14 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "solve", help="train a PINN on a library problem and report its error",
         description="Train a PINN on PROBLEM (see `pinnsketch problems`) with Adam then L-BFGS, print the "
-                    "relative L2 error against the problem's reference, and save the run with --out. "
-                    "Unset options use the problem's defaults.")
-    p.add_argument("problem", help="problem name, e.g. burgers")
-    p.add_argument("--storage", default=None, help="activation storage: exact, checkpoint, ema, lowrank (default), "
-                   "projection")
+                    "relative L2 error against the problem's reference, and record the run in --out while it "
+                    "trains (checkpoints every --checkpoint-every steps; --resume continues a killed run, "
+                    "--from reruns a recorded one). Unset options use the problem's defaults.")
+    p.add_argument("problem", nargs="?", default=None,
+                   help="problem name, e.g. burgers (taken from the file with --resume and --from)")
+    p.add_argument("--storage", default=None, metavar="POLICY",
+                   help="activation storage: exact, checkpoint, ema, lowrank (default), projection, with options "
+                        "as NAME:KEY=VALUE,... (e.g. lowrank:target=1e-3,r_max=16)")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="Adam steps")
     p.add_argument("--lbfgs-steps", type=int, default=None, metavar="M", help="L-BFGS iterations (0 skips)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
@@ -88,17 +91,25 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="steps between error evaluations")
     p.add_argument("--out", default=None, metavar="FILE", help="write the run to FILE (HDF5)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .io.commands import add_run_file_arguments
+
+    add_run_file_arguments(p)
     _debug_flag(p, top=False)
     p.set_defaults(func=solve_command)
     return p
 
 
-def _solve_options(problem, args: argparse.Namespace) -> dict:
-    """Keyword arguments of `solve` from the flags, on top of the problem's own defaults."""
+# Flags that change what a run computes (refused with --resume: the file fixes them).
+_TRAINING_FLAGS = ("storage", "steps", "lbfgs_steps", "lr", "points", "width", "depth", "seed", "dtype",
+                   "derivatives", "eval_every", "from_file", "monitor_rank")
+
+
+def _solve_options(problem, args: argparse.Namespace, recorded: dict | None = None) -> dict:
+    """Keyword arguments of `solve` from the flags, on top of `recorded` (--from) or the problem's defaults."""
     from .pinn.solver import DEFAULTS
 
-    base = {**DEFAULTS, **(getattr(problem, "solver_defaults", None) or {})}
-    options: dict = {}
+    base = {**DEFAULTS, **(getattr(problem, "solver_defaults", None) or {}), **(recorded or {})}
+    options: dict = dict(recorded or {})
 
     def updated(key: str, **changes):
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -118,24 +129,95 @@ def _solve_options(problem, args: argparse.Namespace) -> dict:
     return options
 
 
+def _recorded_config(path: str) -> dict:
+    import json
+
+    from .io.reader import open_run
+
+    with open_run(path) as f:
+        return json.loads(f.attrs.get("config", "{}")), bool(f.attrs.get("completed", False))
+
+
 def solve_command(args: argparse.Namespace) -> int:
     from . import problems
+    from .data.bench import parse_storage
+    from .io.commands import run_file_callbacks, solve_options_from_config
+    from .io.runfile import check_output_path
+    from .pinn.errors import TrainingDivergedError
     from .pinn.solver import solve
 
+    recorded = None
+    source = args.resume or args.from_file
+    if args.resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k in _TRAINING_FLAGS if getattr(args, k) is not None]
+        if given:
+            raise CommandError(f"--resume continues {args.resume} with the options recorded in it; leave out "
+                               f"{' '.join(given)} (or start a new run with --from {args.resume} --out NEW.h5)", 2)
+    if source is not None:
+        config, completed = _recorded_config(source)
+        if args.resume is not None and completed:
+            raise CommandError(f"{args.resume} holds a completed run; nothing to resume (rerun it with "
+                               f"--from {args.resume} --out NEW.h5)", 2)
+        recorded = solve_options_from_config(config)
+        if args.problem is not None and args.problem != config["problem"]:
+            raise CommandError(f"{source} is a run of {config['problem']!r}, not {args.problem!r}; leave out "
+                               "the problem name", 2)
+        args.problem = config["problem"]
+    if args.problem is None:
+        raise CommandError("the following arguments are required: problem (or --resume FILE / --from FILE)", 2)
     problem = problems.get(args.problem)
-    options = _solve_options(problem, args)
-    result = solve(problem, progress=not args.no_progress, **options)
-    storage = result.config.get("storage")
+    options = _solve_options(problem, args, recorded)
+    extra = {}
+    spec = args.storage if args.storage is not None else (recorded or {}).get("storage")
+    if isinstance(spec, str):
+        # one parser for `solve` and `bench`; PINN training keeps the policies' own defaults
+        options["storage"] = parse_storage(spec, defaults={})
+        extra["storage"] = spec
+    out = args.resume if args.resume is not None else args.out
+    if out is not None:
+        check_output_path(out)           # before any training: a folder, an unwritable place, a busy file
+    total = options.get("adam", _problem_default(problem, "adam")).steps + \
+        options.get("lbfgs", _problem_default(problem, "lbfgs")).steps
+    callbacks, state = run_file_callbacks(args, total_steps=total, config=extra)
+    try:
+        result = solve(problem, progress=not args.no_progress, callbacks=callbacks, resume=state, **options)
+    except TrainingDivergedError as err:
+        where = f"; {out} keeps the history up to step {_err_step(callbacks)} and the last checkpoint" if out else ""
+        raise CommandError(f"{str(err).splitlines()[0]}{where}") from err
+    storage = extra.get("storage", result.config.get("storage"))
     l2 = result.l2_relative_error
     where = f"{result.config['problem']}, storage={storage}, {result.config['steps_done']} steps, {result.timing['total_s']:.1f} s"
     if l2 is None:
         print(f"relative L2 error: n/a (the problem has no reference) [{where}]")
     else:
         print(f"relative L2 error: {l2:.3e} [{where}]")
-    if args.out:
-        path = result.save(args.out)
-        print(f"saved to {path}")
+    stop = result.history.get("lbfgs_stop")
+    if stop:
+        print(f"L-BFGS stopped at step {stop['step']}: {stop['reason']} ({stop['detail']})")
+    if out is not None:
+        print(f"saved to {out}")
     return 0
+
+
+def _problem_default(problem, key: str):
+    """The solver option `key` that a run of `problem` uses when none is given."""
+    from .pinn.solver import DEFAULTS
+
+    return (getattr(problem, "solver_defaults", None) or {}).get(key, DEFAULTS[key])
+
+
+def _err_step(callbacks) -> str:
+    """The step a failed run's writer recorded (for the one-line error)."""
+    from .io.reader import load
+
+    for cb in callbacks:
+        path = getattr(cb, "path", None)
+        if path is not None:
+            try:
+                return str(load(path).attrs.get("stop_step", "?"))
+            except Exception:  # noqa: BLE001 - the message only
+                return "?"
+    return "?"
 
 
 # --- dispatcher -------------------------------------------------------------------------------

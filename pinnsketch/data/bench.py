@@ -51,14 +51,15 @@ def _parse_value(text: str):
     return text
 
 
-def parse_storage(spec):
+def parse_storage(spec, defaults=MINIBATCH_OPTIONS):
     """A policy from a command-line spec: "NAME" or "NAME:KEY=VALUE,KEY=VALUE".
 
     Values are read as int, float, true/false, none, else strings; keys are the policy
     constructor's keyword arguments, e.g. "lowrank:rank=8,adaptive=false,residual=int4"
     or "ema:beta=0.99,rank=16". A name alone is returned unchanged (`make_classifier` builds
     it); policy objects pass through. Options not given take the classifier's mini-batch
-    defaults (`MINIBATCH_OPTIONS`; "lowrank:noise_fraction=none" turns lowrank's off).
+    defaults (`MINIBATCH_OPTIONS`; "lowrank:noise_fraction=none" turns lowrank's off);
+    `pinnsketch solve` passes `defaults={}` (full-batch PINN training: the policies' own defaults).
     """
     if not isinstance(spec, str) or ":" not in spec:
         if isinstance(spec, str) and spec not in STORAGES:
@@ -74,7 +75,7 @@ def parse_storage(spec):
         if not eq or not key.isidentifier():
             raise ValueError(f"storage option {item!r} in {spec!r} is not KEY=VALUE; write e.g. {name}:rank=8")
         kwargs[key] = _parse_value(value)
-    kwargs = {**MINIBATCH_OPTIONS.get(name, {}), **kwargs}      # the classifier's mini-batch defaults
+    kwargs = {**defaults.get(name, {}), **kwargs}      # the classifier's mini-batch defaults
     try:
         return STORAGES[name](**kwargs)
     except TypeError as err:

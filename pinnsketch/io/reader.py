@@ -24,6 +24,7 @@ import torch
 from .errors import RunFileError
 from .schema import SCHEMA_VERSION, build_model, read_attrs, read_monitor_state
 from .table import read_table
+from .packed import PACKED_KIND, read_packed
 from .tree import read_tree
 
 __all__ = ["load", "load_checkpoint", "open_run", "Run", "Solution"]
@@ -115,7 +116,7 @@ class Run:
         self.model_spec = {"class": model_attrs.get("class"), "init_kwargs": json.loads(model_attrs.get(
             "init_kwargs", "null")), "dtype": model_attrs.get("dtype"), "parameters": model_attrs.get("parameters"),
             "storage": json.loads(model_attrs.get("storage", "null"))}
-        self.model_state = read_tree(f["model"]["state"])
+        self.model_state = _read_nested(f["model"]["state"])
         self.checkpoint_step = int(f["checkpoint"].attrs["step"]) if "checkpoint" in f else None
 
     def __repr__(self) -> str:
@@ -265,12 +266,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             raise RunFileError(path, "has no checkpoint (the run was stopped before its first one); "
                                      "start it again without resume")
         try:
-            return read_tree(f["checkpoint"])
+            return _read_nested(f["checkpoint"])
         except _H5_ERRORS as err:
             raise RunFileError(path, f"has a damaged checkpoint: {_short(err)}") from None
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _read_nested(node: h5py.Group):
+    """A stored state: packed (schema 2, ``pinnsketch.io.packed``) or a tree of groups (schema 1)."""
+    return read_packed(node) if read_attrs(node).get("kind") == PACKED_KIND else read_tree(node)
+
+
 def _table(f: h5py.File, name: str) -> dict[str, np.ndarray]:
     if name not in f:
         raise KeyError(f"/{name} is missing")

@@ -10,9 +10,16 @@ Atomicity (HDF5 files cannot be appended to atomically in place):
   holds a complete, readable file: the one of the last commit.
 
 A process killed mid-run therefore leaves ``<path>`` at its last checkpoint
-(plus a possibly inconsistent ``<path>.partial`` and, killed during a commit,
-a temporary ``.<name>.*.tmp``; the next writer of ``<path>`` replaces the one
-and removes the other); resuming continues from that checkpoint.
+(plus a possibly inconsistent ``<path>.partial``, the lock file and, killed during
+a commit, a temporary ``.<name>.*.tmp``; the next writer of ``<path>`` replaces the
+first and removes the others); resuming continues from that checkpoint. A writer
+that closes, aborts or fails removes its live file, temporaries and lock.
+
+One writer per path: a writer holds an advisory lock (``fcntl.lockf``, POSIX) on
+``.<name>.lock`` next to ``<path>`` from its start to its end; a writer in another
+process fails at once with :class:`RunFileLocked`, before touching any file. The lock
+belongs to the process (POSIX record locks), so a writer abandoned in the same process
+(an interrupted custom training loop) does not block the next one there.
 """
 
 from __future__ import annotations
@@ -30,11 +37,95 @@ import torch
 
 from .schema import GROUPS, SCHEMA_VERSION, append_monitor_rows, json_attr, model_spec, write_monitor_sketches
 from .table import Table
-from .tree import write_tree
+from .packed import write_packed
 
-__all__ = ["RunFile", "COMPRESSIONS"]
+__all__ = ["RunFile", "COMPRESSIONS", "RunFileLocked", "WriteLock", "check_output_path"]
 
 COMPRESSIONS = ("gzip", "lzf", None)
+
+
+class RunFileLocked(RuntimeError):
+    """Another process is writing the same run file."""
+
+
+class WriteLock:
+    """The advisory lock of one run file path: ``.<name>.lock`` next to it, held with ``lockf``.
+
+    ``acquire()`` fails at once with :class:`RunFileLocked` when another process holds it. The
+    lock file is removed on ``release()``; an acquirer that locked a file just unlinked by the
+    previous holder notices (inode changed) and retries on the new one. Without ``fcntl``
+    (Windows) it only creates the folder and does not lock.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "WriteLock":
+        try:
+            import fcntl
+        except ImportError:            # no advisory locks on this platform
+            return self
+        while self._fd is None:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise RunFileLocked(f"{self.path} is being written by another process (lock {self.lock_path}); "
+                                    "wait for it to finish or choose another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+            else:                      # the previous holder removed it between our open and flock
+                os.close(fd)
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.lock_path)  # while still held: a waiting writer then re-opens a fresh file
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Check, before any training, that a run file can be written at ``path``; returns it as a Path.
+
+    Creates the parent folder; raises ValueError when ``path`` is a folder or ends in ``.partial``,
+    PermissionError (naming the folder) when the folder is not writable, and
+    :class:`RunFileLocked` when another process is writing ``path``. Leaves nothing behind.
+    """
+    path = Path(path)
+    if path.suffix == ".partial":
+        raise ValueError(f"--out {str(path)!r} ends in .partial, the suffix of live files; choose another name")
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a directory; give a file name, e.g. {str(path / 'run.h5')!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create the folder {str(path.parent)!r} for --out {str(path)!r} "
+                              f"({err.strerror or err}); choose a writable place") from None
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {str(path)!r}: {str(path.parent)!r} is not a folder")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        where = path if path.exists() else path.parent
+        raise PermissionError(f"cannot write --out {str(path)!r}: {str(where)!r} is not writable; choose a "
+                              "writable place")
+    lock = WriteLock(path).acquire()
+    lock.release()
+    return path
 
 
 class RunFile:
@@ -50,18 +141,27 @@ class RunFile:
         self.path = Path(path)
         self.live = self.path.with_name(self.path.name + ".partial")
         self.compression = compression
+        if self.path.is_dir():
+            raise ValueError(f"{str(self.path)!r} is a directory; give the run file a name, e.g. "
+                             f"{str(self.path / 'run.h5')!r}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A fresh inode for the live file: a writer that died without closing may still hold the old one.
-        self.live.unlink(missing_ok=True)
-        self._remove_stale_temporaries()
-        if resume:
-            shutil.copyfile(self.path, self.live)
-            self._file = h5py.File(self.live, "r+")
-        else:
-            self._file = h5py.File(self.live, "w")
-            for name in GROUPS[:4]:
-                self._file.create_group(name)
-        self._open_tables()
+        self._lock = WriteLock(self.path).acquire()      # before touching any file of this path
+        try:
+            # A fresh inode for the live file: a writer that died without closing may still hold the old one.
+            self.live.unlink(missing_ok=True)
+            self._remove_stale_temporaries()
+            if resume:
+                shutil.copyfile(self.path, self.live)
+                self._file = h5py.File(self.live, "r+")
+            else:
+                self._file = h5py.File(self.live, "w")
+                for name in GROUPS[:4]:
+                    self._file.create_group(name)
+            self._open_tables()
+        except BaseException:
+            self.live.unlink(missing_ok=True)
+            self._lock.release()
+            raise
 
     def _remove_stale_temporaries(self) -> None:
         """Delete commit temporaries of ``path`` left by a writer killed mid-commit (one writer per path)."""
@@ -97,7 +197,7 @@ class RunFile:
                  "torch_version": torch.__version__, "h5py_version": h5py.__version__,
                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "kind": kind, "problem": problem, "storage": storage, "seed": seed, "device": device,
-                 "config": json_attr(config), "completed": False, "steps": 0}
+                 "config": json_attr(config), "completed": False, "status": "running", "steps": 0}
         self.update_root(**attrs)
 
     def update_root(self, **attrs: Any) -> None:
@@ -116,7 +216,7 @@ class RunFile:
         group.attrs.update({"class": spec["class"], "init_kwargs": json_attr(spec["init_kwargs"]),
                             "dtype": spec["dtype"], "device": spec["device"], "parameters": spec["parameters"],
                             "storage": json_attr(spec.get("storage"))})
-        write_tree(group, "state", model.state_dict(), compression=self.compression)
+        write_packed(group, "state", model.state_dict(), compression=self.compression)
 
     def append_monitor_rows(self, monitor, written: int) -> int:
         """Append the monitor's norms of steps ``written:`` to /gradients; returns the rows now written."""
@@ -154,7 +254,7 @@ class RunFile:
         return l2
 
     def write_checkpoint(self, state: dict, *, step: int, wall_time_s: float | None) -> None:
-        write_tree(self._file, "checkpoint", state, compression=self.compression)
+        write_packed(self._file, "checkpoint", state, compression=self.compression)
         self._file["checkpoint"].attrs.update(step=int(step), written=_now())
         if wall_time_s is not None:
             self._file["checkpoint"].attrs["wall_time_s"] = float(wall_time_s)
@@ -183,17 +283,23 @@ class RunFile:
         """Final commit: the live file becomes ``path``."""
         self.flush()
         self._file.close()
-        with open(self.live, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.live, self.path)
-        _fsync_dir(self.path.parent)
+        try:
+            with open(self.live, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.live, self.path)
+            _fsync_dir(self.path.parent)
+        finally:
+            self.live.unlink(missing_ok=True)
+            self._lock.release()
 
     def abort(self) -> None:
-        """Close the live file without committing (``path`` keeps the last commit)."""
+        """Close and remove the live file without committing (``path`` keeps the last commit)."""
         try:
             self._file.close()
         except Exception:  # noqa: BLE001 - already closed or broken; nothing more to save
             pass
+        self.live.unlink(missing_ok=True)
+        self._lock.release()
 
 
 def _now() -> str:

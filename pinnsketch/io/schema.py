@@ -1,6 +1,7 @@
 """The run-file schema: version, group names, root attributes, model and monitor layouts.
 
-See ``SCHEMA.md`` next to this file for the documented layout. Version 1.
+See ``SCHEMA.md`` next to this file for the documented layout. Version 2 (version 1: the
+checkpoint as a tree of groups, ``pinnsketch.io.tree``; still read).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import torch
 
 from .table import Table, read_table
 
-__all__ = ["SCHEMA_VERSION", "GROUPS", "model_spec", "build_model", "append_monitor_rows",
+__all__ = ["SCHEMA_VERSION", "GROUPS", "storage_spec", "model_spec", "build_model", "append_monitor_rows",
            "write_monitor_sketches", "read_monitor_state", "json_attr", "read_attrs"]
 
 #: Version written to the root attribute ``schema_version``; readers accept files up to it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Top-level groups of a run file, in the order they are created.
 GROUPS = ("training", "sketch", "gradients", "model", "solution", "checkpoint")
@@ -46,6 +47,44 @@ def read_attrs(node: h5py.HLObject) -> dict[str, Any]:
             value = value.tolist()
         out[key] = value
     return out
+
+
+# -- storage policies --------------------------------------------------------------------------
+def storage_spec(policy) -> dict[str, Any]:
+    """The configuration of a storage policy object: ``{"name", "options", "spec", "unrecorded"}``.
+
+    ``options`` are the constructor's keyword arguments that differ from their defaults, read
+    from the policy's ``config()`` when it has one, else from the same-named attribute (or
+    ``fixed_<name>``); ``spec`` is the command-line form ``"name:key=value,..."``
+    (``pinnsketch.data.bench.parse_storage``) when every argument could be read; ``unrecorded``
+    names the arguments that could not (then give the policy as a spec string to record it).
+    """
+    import inspect
+
+    from ..nn.policies import STORAGES
+
+    name = next((n for n, cls in STORAGES.items() if type(policy) is cls), getattr(policy, "name", None))
+    own = getattr(policy, "config", None)
+    if callable(own):
+        options, unrecorded = dict(own()), []
+    else:
+        options, unrecorded = {}, []
+        for p in inspect.signature(type(policy).__init__).parameters.values():
+            if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            found = [a for a in (p.name, f"fixed_{p.name}") if a in vars(policy)]
+            if not found:
+                unrecorded.append(p.name)
+                continue
+            value = vars(policy)[found[0]]
+            if p.default is p.empty or value != p.default:
+                options[p.name] = value
+    plain = all(isinstance(v, (int, float, str, bool)) or v is None for v in options.values())
+    spec = None
+    if name in STORAGES and not unrecorded and plain:
+        spec = name + (":" + ",".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in options.items()) if options else "")
+    return {"name": name, "options": options, "spec": spec, "unrecorded": unrecorded}
 
 
 # -- model -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ __all__ = ["summarize", "format_summary", "SUMMARY_KEYS"]
 SUMMARY_KEYS = ("path", "schema_version", "kind", "problem", "storage", "steps", "completed", "l2_relative_error",
                 "saved_bytes_peak", "wall_time_s", "final_loss", "final_losses", "seed", "device",
                 "checkpoint_step", "layers", "gradient_monitor", "test_accuracy", "pinnsketch_version",
-                "torch_version", "created")
+                "torch_version", "created", "status", "stop_cause", "stop_step", "stop_phase", "lbfgs_stop")
 
 
 def summarize(run) -> dict[str, Any]:
@@ -51,13 +51,27 @@ def summarize(run) -> dict[str, Any]:
         "pinnsketch_version": attrs.get("pinnsketch_version"),
         "torch_version": attrs.get("torch_version"),
         "created": attrs.get("created"),
+        # status: completed | running (or killed) | diverged | interrupted | failed (schema 1: from `completed`)
+        "status": attrs.get("status") or ("completed" if run.completed else None),
+        "stop_cause": attrs.get("stop_cause"),
+        "stop_step": _py(attrs.get("stop_step")),
+        "stop_phase": attrs.get("stop_phase"),
+        "lbfgs_stop": None if attrs.get("lbfgs_stop_reason") is None else {
+            "reason": attrs.get("lbfgs_stop_reason"), "detail": attrs.get("lbfgs_stop_detail"),
+            "step": _py(attrs.get("lbfgs_stop_step"))},
     }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Readable multi-line text of :func:`summarize` output."""
     s = summary
-    status = "completed" if s["completed"] else f"interrupted (last checkpoint at step {s['checkpoint_step']})"
+    if s["completed"]:
+        status = "completed"
+    elif s.get("stop_cause"):
+        status = (f"{s['status']} at step {s['stop_step']} ({s['stop_phase']}); last checkpoint at step "
+                  f"{_text(s['checkpoint_step'])}")
+    else:
+        status = f"interrupted (last checkpoint at step {_text(s['checkpoint_step'])})"
     lines = [
         f"{s['path']}  (pinnsketch run, schema {s['schema_version']}, {s['kind'] or 'run'})",
         f"  problem      {s['problem'] or '-'}",
@@ -70,6 +84,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             if s["final_losses"] else ""),
         f"  rel. L2 err  {_num(s['l2_relative_error'])}",
     ]
+    if s.get("stop_cause"):
+        lines.insert(4, f"  cause        {s['stop_cause']}")
+    if s.get("lbfgs_stop"):
+        stop = s["lbfgs_stop"]
+        lines.append(f"  L-BFGS stop  {stop['reason']} at step {_text(stop['step'])} ({_text(stop['detail'])})")
     if s.get("test_accuracy") is not None:
         lines.append(f"  test acc.    {s['test_accuracy']:.4f}")
     lines.append(f"  saved bytes  {_bytes(s['saved_bytes_peak'])} peak for backward")

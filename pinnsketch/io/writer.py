@@ -16,10 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..pinn.callbacks import Callback
+from ..nn.policies import STORAGES
 from .runfile import COMPRESSIONS, RunFile
+from .schema import storage_spec
 
 __all__ = ["RunWriter", "save_result", "WRITE_MODES"]
 
@@ -34,26 +37,35 @@ class RunWriter(Callback):
     Args:
         path: the run file; written atomically (``runfile`` module docstring).
         mode: "w" | "x" | "a" (see ``WRITE_MODES``).
-        log_every: steps between rows of /training and /sketch (evaluation steps are always logged).
-        checkpoint_every: steps between checkpoints (model, optimizer, RNG, histories) and commits.
-            A step that advances the counter past a multiple of either (an L-BFGS step of several
-            iterations) counts as reaching it.
+        log_every: steps between rows of /training (evaluation steps are always logged); /sketch
+            gets a row on those steps whenever the model's storage report changed.
+        checkpoint_every: steps between checkpoints (model, optimizer, RNG, histories) and commits;
+            a checkpoint is also written when the Adam phase ends. A step that advances the counter
+            past a multiple of either (an L-BFGS step of several iterations) counts as reaching it.
+            0: no checkpoints before the end.
         flush_every: logged rows buffered in memory before they go to the live file.
         monitor: a :class:`~pinnsketch.monitor.GradientMonitor` that the writer drives (do not also
             pass it in ``callbacks``); its norms and sketches go to /gradients and are restored on resume.
         compression: "gzip" | "lzf" | None.
+        config: entries added to (and replacing those of) the run configuration recorded in the
+            root attribute ``config``, e.g. the command line's storage spec.
+
+    A run that raises (divergence, Ctrl-C, an error) is closed by :meth:`on_failure`: the file keeps
+    its last checkpoint and the history up to the failure, and records ``status``, ``stop_cause``,
+    ``stop_step`` and ``stop_phase``. Only one writer may write a path at a time (``RunFileLocked``).
     """
 
     def __init__(self, path: str | os.PathLike, *, mode: str = "w", log_every: int = 1,
                  checkpoint_every: int = 1000, flush_every: int = 100, monitor=None,
-                 compression: str | None = "gzip"):
+                 compression: str | None = "gzip", config: Mapping[str, Any] | None = None):
         if mode not in WRITE_MODES:
             raise ValueError(f"mode={mode!r} is not one of {WRITE_MODES}: 'w' writes a new file, 'x' refuses "
                              "to replace one, 'a' continues the run in an existing file")
         for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
                             ("flush_every", flush_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+            low = 0 if name == "checkpoint_every" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an int >= {low}")
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression={compression!r} is not one of {COMPRESSIONS}")
         if monitor is not None and not callable(getattr(monitor, "memory_report", None)):
@@ -65,6 +77,7 @@ class RunWriter(Callback):
         self.log_every, self.checkpoint_every, self.flush_every = log_every, checkpoint_every, flush_every
         self.monitor = monitor
         self.compression = compression
+        self.config = dict(config or {})
         self._file: RunFile | None = None
         self._last_logged = None
         self._report = None
@@ -87,7 +100,13 @@ class RunWriter(Callback):
             raise FileExistsError(f"{self.path} exists and mode='x'; pass mode='w' to replace it or "
                                   "mode='a' to continue its run")
         self._file = RunFile(self.path, compression=self.compression)
-        self._file.write_root(**_root_attributes(state))
+        root = _root_attributes(state)
+        root["config"] = {**root["config"], **self.config}
+        if "storage" in self.config:          # the caller's own record replaces the derived one
+            root["config"].pop("storage_options", None)
+        if "storage" in self.config and isinstance(self.config["storage"], str):
+            root["storage"] = self.config["storage"]
+        self._file.write_root(**root)
         self._file.write_model(state.model)
         if self.monitor is not None:
             self.monitor.on_start(state)
@@ -104,7 +123,8 @@ class RunWriter(Callback):
             self._log(state)
         if self._file.training.buffered >= self.flush_every:
             self._flush()
-        if _crossed(previous, state.step, self.checkpoint_every):
+        if self.checkpoint_every and (_crossed(previous, state.step, self.checkpoint_every)
+                                      or _ends_adam(state, previous)):
             self.checkpoint(state)
 
     def on_end(self, state, result) -> None:
@@ -128,9 +148,34 @@ class RunWriter(Callback):
         peak = getattr(result, "saved_bytes_peak", None)
         if peak is not None:
             root["saved_bytes_peak"] = int(peak)
+        root["status"] = "completed"
+        root.update(_lbfgs_stop_attributes(state))
         self._store(state, **root)
         self._file.close()
         self._file = None
+
+    def on_failure(self, state, error: BaseException) -> None:
+        """Training raised: keep the last checkpoint, write the history up to the failure and its cause."""
+        if self._file is None:               # never started (e.g. another writer holds the file)
+            return
+        from ..pinn.errors import TrainingDivergedError
+
+        status = ("diverged" if isinstance(error, TrainingDivergedError) else
+                  "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        text = str(error).strip()
+        cause = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+        try:
+            if self._last_logged != state.step and state.step > 0:
+                self._log(state)
+            self._flush()
+            self._file.update_root(completed=False, status=status, stop_cause=cause, stop_step=int(state.step),
+                                   stop_phase=str(state.phase), **_lbfgs_stop_attributes(state))
+            self._file.close()
+        except BaseException:
+            self._file.abort()
+            raise
+        finally:
+            self._file = None
 
     @classmethod
     def resume(cls, path: str | os.PathLike, **options) -> tuple["RunWriter", dict]:
@@ -188,12 +233,21 @@ class RunWriter(Callback):
     def _log(self, state) -> None:
         self._last_logged = state.step
         self._file.training.append(training_row(state))
-        report = getattr(state, "storage_report", None)
-        # Solvers refresh the report only on some steps: log it when it is a new object (kept
-        # referenced, so a new list cannot reuse the old one's identity).
-        if report and report is not self._report:
-            self._report = report
-            self._file.sketch.append(sketch_row(state.step, report))
+        row, values = self._report_values(state)
+        if row is not None and values != self._report:       # a row whenever the report changes
+            self._report = values
+            self._file.sketch.append(row)
+
+    @staticmethod
+    def _report_values(state) -> tuple[dict | None, dict | None]:
+        """(/sketch row, its values without the step) of the model's current storage report."""
+        own = getattr(state.model, "storage_report", None)
+        report = own() if callable(own) else getattr(state, "storage_report", None)
+        if not report:
+            return None, None
+        row = sketch_row(state.step, report)
+        values = {k: _canon(v) for k, v in row.items() if k != "step"}
+        return row, {k: v for k, v in values.items() if v is not None}
 
     def _resume(self, state) -> None:
         from .reader import open_run
@@ -209,8 +263,10 @@ class RunWriter(Callback):
         self._file.training.truncate_after(state.step)
         self._file.sketch.truncate_after(state.step)
         self._file.gradients.truncate_after(state.step)
-        self._file.update_root(completed=False)
+        self._file.update_root(completed=False, status="running", stop_cause=None, stop_step=None,
+                               stop_phase=None)
         self._last_logged = state.step
+        self._report = _last_row_values(self._file.file["sketch"])      # compare new reports with the file's
         if self.monitor is not None:
             self.monitor.on_start(state)
             if "windows" in self._file.file["gradients"].attrs:
@@ -259,6 +315,13 @@ def _root_attributes(state) -> dict[str, Any]:
     if name is None and problem is not None:
         name = type(problem).__name__.lower()
     storage = config.get("storage") if isinstance(config.get("storage"), str) else None
+    storages = getattr(state.model, "storages", None)
+    if storage is not None and storage not in STORAGES and storages:
+        # a policy object: the solver recorded its repr; record its constructor options instead
+        specs = [storage_spec(s) for s in storages]
+        config["storage"] = specs[0]["spec"] or repr(storages[0])
+        config["storage_options"] = specs[0] if all(s == specs[0] for s in specs) else specs
+        storage = specs[0]["name"]
     if storage is None:
         names = sorted({str(r.get("storage")) for r in (getattr(state, "storage_report", None) or [])
                         if r.get("storage") is not None})
@@ -277,6 +340,42 @@ def _state_dict(state) -> dict:
     opt = getattr(state, "optimizer", None)
     return {"step": int(state.step), "model": state.model.state_dict(),
             "optimizer": None if opt is None else opt.state_dict()}
+
+
+def _canon(value):
+    """A /sketch value as it reads back from the file: None for missing (None, NaN, ""), numbers as float."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value) if isinstance(value, (bool, int, float)) else str(value)
+
+
+def _last_row_values(group) -> dict | None:
+    """The last /sketch row's values (without the step) in the form of ``_canon``; None for an empty table."""
+    from .table import read_table
+
+    table = read_table(group)
+    if not len(table.get("step", ())):
+        return None
+    values = {k: _canon(v[-1]) for k, v in table.items() if k != "step"}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _ends_adam(state, previous: int) -> bool:
+    """Whether this step ended the Adam phase (its configured step count was reached)."""
+    adam = (getattr(state, "config", None) or {}).get("adam")
+    steps = adam.get("steps") if isinstance(adam, Mapping) else None
+    return state.phase == "adam" and isinstance(steps, int) and previous < steps <= state.step
+
+
+def _lbfgs_stop_attributes(state) -> dict[str, Any]:
+    history = getattr(state, "history", None)
+    stop = history.get("lbfgs_stop") if isinstance(history, Mapping) else None
+    if not isinstance(stop, Mapping):
+        return {}
+    return {"lbfgs_stop_reason": stop.get("reason"), "lbfgs_stop_detail": stop.get("detail"),
+            "lbfgs_stop_step": stop.get("step")}
 
 
 def _crossed(before: int, after: int, every: int) -> bool:

@@ -44,6 +44,9 @@ class Callback:
     def on_end(self, state: TrainingState, result) -> None:
         """After training, with the Result."""
 
+    def on_failure(self, state: TrainingState, error: BaseException) -> None:
+        """When training raises (divergence, Ctrl-C, any error), before the error propagates."""
+
 
 @dataclass
 class TrainingState:

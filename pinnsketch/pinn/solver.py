@@ -359,17 +359,26 @@ class _Run:
 
             meter = _meter(self._metered())
             before = opt.state[self.params[0]].get("n_iter", 0)
+            evals = opt.state[self.params[0]].get("func_evals", 0)
             t0 = time.perf_counter()
             with meter:
                 opt.step(closure)
             dt = time.perf_counter() - t0
             done = opt.state[self.params[0]].get("n_iter", 0) - before
             if done == 0:  # the gradient test ended the step before any iteration: converged
+                _lbfgs_stop(st, "gradient tolerance", f"max |gradient| <= tolerance_grad={lbfgs.tolerance_grad:g} "
+                            "before the step")
                 break
             self._finish_step("lbfgs", first[0], lbfgs.lr, dt,
                               None if isinstance(meter, contextlib.nullcontext) else meter, steps=done)
             if done < min(lbfgs.max_iter, end - (st.step - done)):
-                break  # L-BFGS stopped on its change tolerances: converged
+                _lbfgs_stop(st, *_lbfgs_reason(opt, lbfgs, opt.state[self.params[0]]["func_evals"] - evals))
+                break  # L-BFGS stopped on a tolerance or its line search budget
+        if "lbfgs_stop" not in st.history:
+            if st.step >= end:
+                _lbfgs_stop(st, "step budget", f"all {lbfgs.steps} iterations of LBFGS(steps={lbfgs.steps}) done")
+            elif st.stop_phase or st.stop_training:
+                _lbfgs_stop(st, "callback", "a callback set stop_phase or stop_training")
 
     def run(self, resume: dict | None) -> Result:
         st = self.state
@@ -388,6 +397,12 @@ class _Run:
             result = self._result()
             for cb in self._all_callbacks:
                 cb.on_end(st, result)
+        except BaseException as exc:
+            # callbacks with on_failure (RunWriter) record the cause, step and phase before it propagates
+            for cb in self._all_callbacks:
+                if callable(getattr(cb, "on_failure", None)):
+                    cb.on_failure(st, exc)
+            raise
         finally:
             self.bar.close()
         return result
@@ -418,6 +433,30 @@ class _Run:
             saved_bytes_peak=st.saved_bytes_peak, storage_report=st.storage_report, evaluation=evaluation,
             config=config, state=st, step_peak_bytes=st.step_peak_bytes,
         )
+
+
+def _lbfgs_stop(state: TrainingState, reason: str, detail: str) -> None:
+    """Record why the L-BFGS phase ended: history["lbfgs_stop"] = {reason, detail, step}."""
+    state.history["lbfgs_stop"] = {"reason": reason, "detail": detail, "step": int(state.step)}
+
+
+def _lbfgs_reason(opt: torch.optim.LBFGS, lbfgs: LBFGS, evals: int) -> tuple[str, str]:
+    """(reason, detail) of an L-BFGS step that ran fewer iterations than allowed, from the optimizer state
+    (the tests of `torch.optim.LBFGS.step`, in its order)."""
+    s, group = opt.state[opt._params[0]], opt.param_groups[0]
+    d, t, g = s.get("d"), s.get("t"), s.get("prev_flat_grad")
+    if d is not None and g is not None and float(g.dot(d)) > -lbfgs.tolerance_change:
+        return "directional derivative tolerance", (f"directional derivative > -tolerance_change="
+                                                    f"{lbfgs.tolerance_change:g}")
+    if evals >= group["max_eval"]:
+        return "line search budget", (f"{evals} loss evaluations reached max_eval={group['max_eval']} "
+                                      f"(max_line_search={lbfgs.max_line_search})")
+    grad = opt._gather_flat_grad()
+    if float(grad.abs().max()) <= lbfgs.tolerance_grad:
+        return "gradient tolerance", f"max |gradient| <= tolerance_grad={lbfgs.tolerance_grad:g}"
+    if d is not None and t is not None and float(d.mul(t).abs().max()) <= lbfgs.tolerance_change:
+        return "step tolerance", f"max |step| <= tolerance_change={lbfgs.tolerance_change:g}"
+    return "loss change tolerance", f"|loss change| < tolerance_change={lbfgs.tolerance_change:g}"
 
 
 def loss_terms(problem: Problem, network: torch.nn.Module, *, points: Points | None = None, seed: int = 0,

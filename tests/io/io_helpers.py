@@ -21,6 +21,7 @@ def _fixture_module():
 make_fixture = _fixture_module()
 Parabola1D = make_fixture.Parabola1D
 FIXTURE = make_fixture.FIXTURE
+OLD_FIXTURES = make_fixture.OLD_FIXTURES
 solve_options = make_fixture.solve_options
 make_monitor = make_fixture.make_monitor
 write_fixture = make_fixture.write_fixture

@@ -62,8 +62,8 @@ def test_newer_and_invalid_schema_versions(recorded_run, tmp_path):
     newer = tmp_path / "newer.h5"
     shutil.copyfile(recorded_run[0], newer)
     with h5py.File(newer, "r+") as f:
-        f.attrs["schema_version"] = 2
-    _fails(newer, "schema version 2, newer.*upgrade pinnsketch")
+        f.attrs["schema_version"] = 3
+    _fails(newer, "schema version 3, newer.*upgrade pinnsketch")
     with h5py.File(newer, "r+") as f:
         f.attrs["schema_version"] = "one"
     _fails(newer, "invalid schema_version")
@@ -80,5 +80,5 @@ def test_missing_group(recorded_run, tmp_path):
 
 def test_open_run_gives_a_checked_file(recorded_run):
     with open_run(recorded_run[0]) as f:
-        assert int(f.attrs["schema_version"]) == 1
+        assert int(f.attrs["schema_version"]) == 2
         assert set(f) >= {"training", "sketch", "gradients", "model", "solution", "checkpoint"}

@@ -1,5 +1,6 @@
-"""The frozen fixture guards schema version 1: it must keep loading, and files written now must
-have its structure (regenerate it with tests/fixtures/make_fixture.py only with a new version)."""
+"""The frozen fixtures guard the schema: every version must keep loading, and files written now must
+have the structure of the newest (write a new one with tests/fixtures/make_fixture.py only with a new
+version)."""
 
 import json
 
@@ -7,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from io_helpers import FIXTURE
+from io_helpers import FIXTURE, OLD_FIXTURES
 from pinnsketch.io import SCHEMA_VERSION, load, load_checkpoint
 from pinnsketch.io.schema import GROUPS
 
@@ -37,9 +38,11 @@ def test_fixture_exists_and_is_small():
     assert FIXTURE.stat().st_size < 1_000_000
 
 
-def test_fixture_loads_with_known_content():
-    run = load(FIXTURE)
-    assert run.schema_version == SCHEMA_VERSION == 1
+@pytest.mark.parametrize("version", [2, 1])
+def test_fixture_loads_with_known_content(version):
+    path = FIXTURE if version == SCHEMA_VERSION else OLD_FIXTURES[version]
+    run = load(path)
+    assert run.schema_version == version and SCHEMA_VERSION == 2
     assert (run.problem, run.storage, run.seed, run.device, run.steps) == ("parabola1d", "exact", 3, "cpu", 30)
     assert run.completed and run.checkpoint_step == 30
     # 24 Adam steps, then L-BFGS steps of 2 iterations each: the step counter jumps by 2.
@@ -63,9 +66,24 @@ def test_fixture_loads_with_known_content():
                               "step_sketch": 0, "step_operator": "srft",     # options newer than the fixture
                               "seed": 1, "dtype": "torch.float32"}
     np.testing.assert_allclose(monitor.norms().numpy(), np.stack(list(run.gradient_norms.values()), axis=1))
-    state = load_checkpoint(FIXTURE)
+    state = load_checkpoint(path)
     assert state["format"] == "pinnsketch.TrainingState/1" and state["step"] == 30
     assert json.loads(run.attrs["config"])["problem"] == "parabola1d"
+    assert run.model_state["blocks.0.weight"].shape == (8, 1)
+    assert state["model"].keys() == run.model_state.keys()
+    if version >= 2:
+        assert run.attrs["status"] == "completed"
+
+
+def test_checkpoint_is_compact_with_readable_names():
+    with h5py.File(FIXTURE, "r") as f:
+        checkpoint = f["checkpoint"]
+        assert all(isinstance(node, h5py.Dataset) for node in checkpoint.values())     # flat: no subgroups
+        names = set(checkpoint)
+        assert {"structure", "model.blocks.0.weight", "points.base", "generator"} <= names
+        assert not any(part.startswith("_") and part[1:].isdigit() for n in names for part in n.split("."))
+        assert len(names) < 80
+        assert all(isinstance(node, h5py.Dataset) for node in f["model/state"].values())
 
 
 def test_files_written_now_have_the_fixture_structure(recorded_run):

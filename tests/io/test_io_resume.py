@@ -32,7 +32,10 @@ def test_resumed_solve_equals_uninterrupted(recorded_run, tmp_path, stop, checkp
     # (no writer.close(): an abandoned writer must not block the resumed one)
     interrupted = load(path)
     assert not interrupted.completed and interrupted.checkpoint_step == checkpoint
-    assert interrupted.training["step"][-1] == checkpoint      # the file holds the last checkpoint exactly
+    # the file holds the last checkpoint, and the history up to the interruption with its cause
+    assert interrupted.training["step"][-1] == stop and interrupted.attrs["stop_step"] == stop
+    assert interrupted.attrs["status"] == "interrupted" and interrupted.attrs["stop_cause"] == "KeyboardInterrupt"
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*"))
 
     if stop == 17:   # explicit: the checkpoint state and a writer in mode "a" with a fresh monitor
         monitor = make_monitor()

@@ -17,7 +17,7 @@ from pinnsketch.monitor import GradientMonitor
 def test_root_attributes(recorded_run):
     path, result, _ = recorded_run
     run = load(path)
-    assert run.schema_version == 1
+    assert run.schema_version == 2
     assert run.problem == "parabola1d" and run.storage == "exact" and run.seed == 3 and run.device == "cpu"
     assert run.completed and run.steps == 30 and run.attrs["kind"] == "pinn"
     assert run.attrs["torch_version"] == torch.__version__ and run.attrs["pinnsketch_version"]
@@ -52,10 +52,22 @@ def test_sketch_group_holds_storage_reports(recorded_run):
     layers = run.sketch_layers
     assert sorted(layers) == [f"layer_{i}" for i in range(len(result.storage_report))]
     steps = run.sketch["step"]
-    assert len(steps) >= 2 and np.all(np.diff(steps) > 0)
+    # a row whenever the report changes: exact storage reports the same bytes every step
+    assert steps.tolist() == [1]
     for i, report in enumerate(result.storage_report):
         assert layers[f"layer_{i}"]["storage"][-1] == report["storage"]
         assert layers[f"layer_{i}"]["saved_bytes"][-1] == report["saved_bytes"]
+
+
+def test_sketch_gets_a_row_whenever_a_lowrank_report_changes(tmp_path):
+    path = tmp_path / "lowrank.h5"
+    ps.solve(Parabola1D(), **solve_options(storage="lowrank", lbfgs=ps.LBFGS(steps=0)),
+             callbacks=[RunWriter(path)])
+    run = load(path)
+    steps = run.sketch["step"]
+    assert len(steps) > 12 and np.all(np.diff(steps) > 0)          # not just the evaluation steps
+    ranks = run.sketch_layers["layer_1"]["rank"]
+    assert np.all(ranks[np.isfinite(ranks)] >= 1) if ranks.dtype.kind == "f" else np.all(ranks >= 1)
 
 
 def test_gradients_group_restores_the_monitor(recorded_run):
@@ -148,8 +160,8 @@ def test_custom_loop_with_missing_values(tmp_path):
 def test_writer_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="mode='r'"):
         RunWriter(tmp_path / "a.h5", mode="r")
-    with pytest.raises(ValueError, match="checkpoint_every=0"):
-        RunWriter(tmp_path / "a.h5", checkpoint_every=0)
+    with pytest.raises(ValueError, match="checkpoint_every=-1"):
+        RunWriter(tmp_path / "a.h5", checkpoint_every=-1)
     with pytest.raises(ValueError, match="compression='zstd'"):
         RunWriter(tmp_path / "a.h5", compression="zstd")
     with pytest.raises(TypeError, match="GradientMonitor"):

@@ -12,7 +12,9 @@ def test_solve_writes_the_run_and_prints_the_error(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("relative L2 error: ") and "storage=exact" in lines[0]
     assert float(lines[0].split()[3]) > 0
-    assert lines[1] == f"saved to {out}" and out.stat().st_size > 0
+    assert lines[1] == "L-BFGS stopped at step 6: step budget (all 2 iterations of LBFGS(steps=2) done)"
+    assert lines[2] == f"saved to {out}" and out.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.h5"]        # no .partial, .tmp or lock left
 
 
 def test_problems_lists_the_library(capsys):
