@@ -17,16 +17,16 @@ blocks). Systems: `deepxde` (its own API: nested autograd through `dde.nn.FNN`; 
 of the same depth, as DeepXDE's pytorch backend has no residual network), and pinnsketch's
 `exact`, `checkpoint` and `lowrank` storage.
 
-Part 2, accuracy at the budget (`--accuracy`). A high-frequency Helmholtz problem on the unit
-square (the library's Helmholtz with k = 8 pi: four periods per direction; exact solution), sin
-network 64x4, where more collocation points give a better solution. For a budget of the step's
+Part 2, accuracy at the budget (`--accuracy`). The library's Helmholtz problem on the unit square
+(`--accuracy-periods` periods per direction, default 2: k = 4 pi; exact solution), sin network
+64x4, where more collocation points give a better solution. For a budget of the step's
 live tensor bytes (`--accuracy-budget`, allocator meter, in process), the largest N under
 `exact` and under `lowrank` (bisection as above), then a full-batch run at each maximum (Adam,
 then L-BFGS) and its relative L2 error against the exact solution.
 
     python benchmarks/scale.py                                   # 2 GiB, both workloads, all systems
     python benchmarks/scale.py --budget 512MiB --workloads mlp   # a quicker look
-    python benchmarks/scale.py --accuracy-only --accuracy-budget 8MiB
+    python benchmarks/scale.py --accuracy-only --accuracy-budget 32MiB
     python benchmarks/scale.py --at 32768 --workloads mlp        # every system at one size, no search
 
 Writes results/scale.json (records: workload, storage, budget_bytes, max_points,
@@ -245,13 +245,13 @@ def accuracy(args) -> list[dict]:
     import pinnsketch as ps
     from pinnsketch.problems.helmholtz import Helmholtz
 
-    class HighFrequencyHelmholtz(Helmholtz):
-        """The library's Helmholtz with four periods per direction (k = 8 pi)."""
+    class PeriodsHelmholtz(Helmholtz):
+        """The library's Helmholtz with `--accuracy-periods` periods per direction (k = 2 pi periods)."""
 
-        name = "helmholtz_k8pi"
-        k = 2 * math.pi * 4
+        name = f"helmholtz_{args.accuracy_periods}periods"
+        k = 2 * math.pi * args.accuracy_periods
 
-    problem = HighFrequencyHelmholtz()
+    problem = PeriodsHelmholtz()
     network = ps.Network(width=64, depth=4, activation="sin")
 
     def peak_at(storage: str, n: int) -> int:
@@ -269,7 +269,7 @@ def accuracy(args) -> list[dict]:
                           points=ps.Points(domain=n, boundary=0, initial=0),
                           adam=ps.Adam(steps=args.accuracy_adam), lbfgs=ps.LBFGS(steps=args.accuracy_lbfgs),
                           seed=0, device="cpu", progress=False)
-        records.append({"workload": "helmholtz_k8pi_sin64x4", "storage": storage,
+        records.append({"workload": f"{problem.name}_sin64x4", "storage": storage,
                         "budget_bytes": args.accuracy_budget, "meter": "allocator", "max_points": n,
                         "peak_bytes_at_max": result.step_peak_bytes,
                         "l2_relative_error": result.l2_relative_error,
@@ -296,7 +296,8 @@ def main(argv=None) -> int:
                    help="no search: measure every system at these point counts")
     p.add_argument("--accuracy", action="store_true", help="also run the accuracy-at-budget part")
     p.add_argument("--accuracy-only", action="store_true")
-    p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("8MiB"))
+    p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("32MiB"))
+    p.add_argument("--accuracy-periods", type=int, default=2, help="Helmholtz periods per direction")
     p.add_argument("--accuracy-adam", type=int, default=3000)
     p.add_argument("--accuracy-lbfgs", type=int, default=1000)
     p.add_argument("--json", type=Path, default=HERE / "results" / "scale.json")
