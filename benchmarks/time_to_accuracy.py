@@ -363,8 +363,8 @@ def ratios(runs: list[dict], earlier: list[dict], check_every: int) -> list[dict
     """DeepXDE seconds / pinnsketch seconds per (problem, pinnsketch system, target).
 
     The DeepXDE run is this invocation's, else the latest non-quick one in `earlier` (the
-    entries already in the output file) with the same check interval; `deepxde_from`
-    names the entry's finishing time.
+    entries already in the output file, latest first) with the same check interval;
+    `deepxde_from` names that entry's finishing time.
     """
     out = []
     for problem in dict.fromkeys(r["problem"] for r in runs):
@@ -420,8 +420,23 @@ def main(argv=None) -> int:
 
     from pinnsketch.data.bench import git_commit, jsonable
 
-    commit = git_commit()  # before the runs: the code they ran
-    runs = []
+    entry = {
+        "benchmark": "time_to_accuracy",
+        "command": "python benchmarks/time_to_accuracy.py " + " ".join(argv),
+        "commit": git_commit(),  # before the runs: the code they ran
+        "torch": torch.__version__,
+        "deepxde": __import__("importlib.metadata").metadata.version("deepxde"),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "device": "cpu",
+        "quick": opts.quick,
+        "check_every": opts.check_every,
+        "max_seconds": opts.max_seconds,
+        "seed": opts.seed,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "id": f"{time.time():.6f}-{os.getpid()}",
+        "runs": [],
+    }
     child = [a for a in argv if a != "--quick"] + (["--quick"] if opts.quick else [])
     for problem in opts.problems:
         for system in opts.systems:
@@ -435,39 +450,35 @@ def main(argv=None) -> int:
                     print(f"{problem} / {system}: worker failed (exit {proc.returncode})", file=sys.stderr)
                     return proc.returncode or 1
                 run = json.loads(out.read_text())
-            runs.append(run)
+            entry["runs"].append(run)
             for r in run["records"]:
                 sec = "not reached" if r["seconds"] is None else f"{r['seconds']:.1f} s cpu, {r['iterations']} it"
                 print(f"{problem:10s} {system:19s} target {r['target']:.0e}: {sec} (final L2 {r['final_l2']:.3e})",
                       file=sys.stderr)
-    entry = {
-        "benchmark": "time_to_accuracy",
-        "command": "python benchmarks/time_to_accuracy.py " + " ".join(argv),
-        "commit": commit,
-        "torch": torch.__version__,
-        "deepxde": __import__("importlib.metadata").metadata.version("deepxde"),
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "device": "cpu",
-        "quick": opts.quick,
-        "check_every": opts.check_every,
-        "max_seconds": opts.max_seconds,
-        "seed": opts.seed,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "runs": runs,
-    }
-    path = Path(opts.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if path.exists() else {"benchmark": "time_to_accuracy", "entries": []}
-    entry["ratios"] = ratios(runs, existing["entries"], opts.check_every)
-    existing["entries"].append(jsonable(entry))
-    path.write_text(json.dumps(existing, indent=1, allow_nan=False) + "\n")
+            save(Path(opts.out), entry, jsonable)  # after every run: a long invocation keeps what finished
     for r in entry["ratios"]:
         if r["ratio"] is not None:
             print(f"{r['problem']:10s} {r['system']:19s} target {r['target']:.0e}: DeepXDE / pinnsketch CPU "
                   f"{r['ratio']:.2f}x (wall {r['wall_ratio']:.2f}x)", file=sys.stderr)
     return 0
 
+
+def save(path: Path, entry: dict, jsonable) -> None:
+    """Insert or update `entry` (by its id) in the JSON file, with its ratios, under a lock
+    (several invocations may share one file)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {"benchmark": "time_to_accuracy", "entries": []}
+        others = [e for e in data["entries"] if e.get("id") != entry["id"]]
+        entry["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry["ratios"] = ratios(entry["runs"], others, entry["check_every"])
+        data["entries"] = [*others, jsonable(entry)]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+        tmp.replace(path)
 
 if __name__ == "__main__":
     sys.exit(main())
