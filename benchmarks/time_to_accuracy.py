@@ -145,7 +145,8 @@ class Tracker:
     should stop (all targets reached, or the CPU budget spent).
     """
 
-    def __init__(self, targets, max_seconds: float):
+    def __init__(self, targets, max_seconds: float, on_check=None):
+        self.on_check = on_check  # called after every check (the worker saves partial results)
         self.targets = sorted(targets, reverse=True)
         self.max_seconds = max_seconds
         self.hits: dict[float, dict] = {}
@@ -172,9 +173,14 @@ class Tracker:
         for target in self.targets:
             if target not in self.hits and l2 <= target:
                 self.hits[target] = {"seconds": cpu, "wall_seconds": wall, "iterations": iteration, "l2": l2}
+        if self.on_check is not None:
+            self.on_check()
         return self.done() or self.over_budget()
 
-    def records(self, final_l2: float, iterations: int) -> list[dict]:
+    def records(self, final_l2: float, iterations: int, interrupted: bool = False) -> list[dict]:
+        """One record per target; `interrupted`: the run was cut off after its last check."""
+        stopped_by = "targets" if self.done() else (
+            "max_seconds" if self.budget_spent else ("interrupted" if interrupted else "budget"))
         out = []
         for target in self.targets:
             hit = self.hits.get(target)
@@ -187,7 +193,7 @@ class Tracker:
                 "final_l2": final_l2,
                 "iterations_run": iterations,
                 "cpu_seconds_run": self.cpu(),
-                "stopped_by": "targets" if self.done() else ("max_seconds" if self.budget_spent else "budget"),
+                "stopped_by": stopped_by,
             })
         return out
 
@@ -347,15 +353,24 @@ def worker(opts) -> int:
 
     torch.set_num_threads(1)
     x_ref, u_ref, ref_info = reference(opts.problem)
-    tracker = Tracker(opts.targets, opts.max_seconds)
-    run = run_deepxde if opts.system == "deepxde" else (
-        lambda *a: run_pinnsketch(opts.problem, opts.system, *a[1:]))
-    settings, final_l2, iterations = run(opts.problem, opts, x_ref, u_ref, tracker)
-    payload = {"problem": opts.problem, "system": opts.system, "device": "cpu", "threads": torch.get_num_threads(),
-               "settings": settings, "reference": ref_info,
-               "records": tracker.records(final_l2, iterations),
-               "checks": [{"iteration": i, "seconds": s, "l2": e} for i, s, e in tracker.checks]}
-    Path(opts.worker_out).write_text(json.dumps(payload))
+
+    def write(settings, final_l2, iterations, complete):
+        payload = {"problem": opts.problem, "system": opts.system, "device": "cpu",
+                   "threads": torch.get_num_threads(), "settings": settings, "reference": ref_info,
+                   "complete": complete, "records": tracker.records(final_l2, iterations, interrupted=not complete),
+                   "checks": [{"iteration": i, "seconds": s, "l2": e} for i, s, e in tracker.checks]}
+        tmp = Path(opts.worker_out + ".tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(opts.worker_out)
+
+    # after every check: a run cut off (killed, out of time) still reports what it reached
+    tracker = Tracker(opts.targets, opts.max_seconds,
+                      on_check=lambda: write(None, tracker.checks[-1][2], tracker.checks[-1][0], False))
+    if opts.system == "deepxde":
+        settings, final_l2, iterations = run_deepxde(opts.problem, opts, x_ref, u_ref, tracker)
+    else:
+        settings, final_l2, iterations = run_pinnsketch(opts.problem, opts.system, opts, x_ref, u_ref, tracker)
+    write(settings, final_l2, iterations, True)
     return 0
 
 
@@ -446,10 +461,13 @@ def main(argv=None) -> int:
                 env.setdefault("MPLCONFIGDIR", str(Path(tmp) / "mpl"))
                 proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child,
                                        "--worker", problem, system, "--worker-out", str(out)], env=env)
-                if proc.returncode != 0 or not out.exists():
+                if not out.exists():
                     print(f"{problem} / {system}: worker failed (exit {proc.returncode})", file=sys.stderr)
                     return proc.returncode or 1
                 run = json.loads(out.read_text())
+                if proc.returncode != 0:  # cut off: keep its checks up to then, marked incomplete
+                    print(f"{problem} / {system}: worker ended early (exit {proc.returncode}); "
+                          "saving its results up to its last check", file=sys.stderr)
             entry["runs"].append(run)
             for r in run["records"]:
                 sec = "not reached" if r["seconds"] is None else f"{r['seconds']:.1f} s cpu, {r['iterations']} it"

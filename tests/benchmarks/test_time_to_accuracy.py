@@ -75,7 +75,7 @@ def test_quick_run_writes_the_schema(tmp_path):
     assert entry["quick"] and entry["torch"] and entry["cpu"] and entry["command"].startswith("python benchmarks/")
     assert [r["system"] for r in entry["runs"]] == ["deepxde", "pinnsketch_exact"]
     for run in entry["runs"]:
-        assert run["problem"] == "burgers" and run["device"] == "cpu"
+        assert run["problem"] == "burgers" and run["device"] == "cpu" and run["complete"]
         loose, tight = run["records"]
         assert RECORD_KEYS <= set(loose) and loose["target"] == 0.9 and tight["target"] == 1e-4
         assert loose["seconds"] > 0 and loose["iterations"] > 0 and loose["final_l2"] < 1.0
