@@ -48,8 +48,10 @@ machine), the wall time (`wall_seconds`) and the iterations since the start of
 training (the clock starts before the collocation points and the network are built;
 the evaluations are inside it for both systems). A run stops at the last target,
 at the end of its own iteration budget, or after `--max-seconds` CPU seconds;
-targets not reached then have seconds = null. `ratio` = DeepXDE seconds /
-pinnsketch seconds per target (CPU; `wall_ratio` the same for wall time).
+the end of training counts as a check too; targets not reached then have seconds =
+null (`stopped_by`: targets, budget, max_seconds, or interrupted: a worker killed from
+outside keeps the checks it saved). `ratio` = DeepXDE seconds / pinnsketch seconds per
+target (CPU; `wall_ratio` the same for wall time).
 
     python benchmarks/time_to_accuracy.py --problems burgers                 # all systems
     python benchmarks/time_to_accuracy.py --problems burgers --quick          # smoke test, seconds
@@ -370,6 +372,8 @@ def worker(opts) -> int:
         settings, final_l2, iterations = run_deepxde(opts.problem, opts, x_ref, u_ref, tracker)
     else:
         settings, final_l2, iterations = run_pinnsketch(opts.problem, opts.system, opts, x_ref, u_ref, tracker)
+    if final_l2 is not None and (not tracker.checks or tracker.checks[-1][0] != iterations):
+        tracker.check(iterations, final_l2)  # the end of training is a check too (off the --check-every grid)
     write(settings, final_l2, iterations, True)
     return 0
 
