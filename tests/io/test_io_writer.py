@@ -61,7 +61,10 @@ def test_sketch_group_holds_storage_reports(recorded_run):
 
 def test_sketch_gets_a_row_whenever_a_lowrank_report_changes(tmp_path):
     path = tmp_path / "lowrank.h5"
-    ps.solve(Parabola1D(), **solve_options(storage="lowrank", lbfgs=ps.LBFGS(steps=0)),
+    # 32 wide on 256 points: wide enough that lowrank compresses (8 wide would be stored exactly)
+    ps.solve(Parabola1D(), **solve_options(storage="lowrank", lbfgs=ps.LBFGS(steps=0),
+                                           network=ps.Network(width=32, depth=2),
+                                           points=ps.Points(domain=256, boundary=2, initial=0)),
              callbacks=[RunWriter(path)])
     run = load(path)
     steps = run.sketch["step"]
