@@ -92,7 +92,7 @@ class Run:
     Attributes:
         path, schema_version, attrs (root attributes), config (dict).
         training: column -> array ("step", "phase", "loss", "losses/<term>", "lr", "wall_time_s",
-            "l2_relative_error" (NaN when not evaluated), "saved_bytes_peak" (-1 when unknown)).
+            "l2_relative_error" (NaN when not evaluated), "saved_bytes_peak", "step_peak_bytes" (-1 when unknown)).
         sketch: column -> array ("step", "layer_<i>/rank", "layer_<i>/error_estimate", ...).
         gradient_norms: layer -> (T,) exact norms, gradient_steps (T,), or empty without a monitor.
         solution: a :class:`Solution` or None.
@@ -156,6 +156,12 @@ class Run:
     @property
     def saved_bytes_peak(self) -> int | None:
         value = self.attrs.get("saved_bytes_peak")
+        return None if value is None else int(value)
+
+    @property
+    def step_peak_bytes(self) -> int | None:
+        """Peak of all live tensor bytes of a metered step above its start (None in older files)."""
+        value = self.attrs.get("step_peak_bytes")
         return None if value is None else int(value)
 
     @property

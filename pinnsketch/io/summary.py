@@ -11,7 +11,7 @@ __all__ = ["summarize", "format_summary", "SUMMARY_KEYS"]
 
 #: Keys every summary has (None when the run does not have the value).
 SUMMARY_KEYS = ("path", "schema_version", "kind", "problem", "storage", "steps", "completed", "l2_relative_error",
-                "saved_bytes_peak", "wall_time_s", "final_loss", "final_losses", "seed", "device",
+                "saved_bytes_peak", "step_peak_bytes", "wall_time_s", "final_loss", "final_losses", "seed", "device",
                 "checkpoint_step", "layers", "gradient_monitor", "test_accuracy", "pinnsketch_version",
                 "torch_version", "created", "status", "stop_cause", "stop_step", "stop_phase", "lbfgs_stop")
 
@@ -39,6 +39,7 @@ def summarize(run) -> dict[str, Any]:
         "completed": run.completed,
         "l2_relative_error": run.l2_relative_error,
         "saved_bytes_peak": run.saved_bytes_peak,
+        "step_peak_bytes": run.step_peak_bytes,
         "wall_time_s": run.wall_time_s,
         "final_loss": _last(training.get("loss")),
         "final_losses": final_losses,
@@ -92,6 +93,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if s.get("test_accuracy") is not None:
         lines.append(f"  test acc.    {s['test_accuracy']:.4f}")
     lines.append(f"  saved bytes  {_bytes(s['saved_bytes_peak'])} peak for backward")
+    if s.get("step_peak_bytes") is not None:
+        lines.append(f"  step peak    {_bytes(s['step_peak_bytes'])} of live tensors above the step's start")
     if s["layers"]:
         lines.append("  layers (last logged):")
         for layer in s["layers"]:

@@ -145,9 +145,9 @@ class RunWriter(Callback):
             root["l2_relative_error"] = float(result.l2_relative_error)
         if getattr(result, "test_accuracy", None) is not None:
             root["test_accuracy"] = float(result.test_accuracy)
-        peak = getattr(result, "saved_bytes_peak", None)
-        if peak is not None:
-            root["saved_bytes_peak"] = int(peak)
+        for key in ("saved_bytes_peak", "step_peak_bytes"):
+            if getattr(result, key, None) is not None:
+                root[key] = int(getattr(result, key))
         root["status"] = "completed"
         root.update(_lbfgs_stop_attributes(state))
         self._store(state, **root)
@@ -220,8 +220,9 @@ class RunWriter(Callback):
         self._file.write_model(state.model)
         self._file.write_checkpoint(_state_dict(state), step=state.step, wall_time_s=state.wall_time_s)
         attrs = {"steps": int(state.step), "wall_time_s": float(state.wall_time_s)}
-        if state.saved_bytes_peak is not None:
-            attrs["saved_bytes_peak"] = int(state.saved_bytes_peak)
+        for key in ("saved_bytes_peak", "step_peak_bytes"):
+            if getattr(state, key, None) is not None:
+                attrs[key] = int(getattr(state, key))
         attrs.update(root)
         self._file.update_root(**attrs)
 
@@ -282,7 +283,9 @@ def training_row(state) -> dict[str, Any]:
     row = {"step": int(state.step), "phase": str(state.phase), "loss": _float(state.loss),
            "lr": _float(state.lr), "wall_time_s": _float(state.wall_time_s),
            "l2_relative_error": _float(state.l2_relative_error),
-           "saved_bytes_peak": None if state.saved_bytes_peak is None else int(state.saved_bytes_peak)}
+           "saved_bytes_peak": None if state.saved_bytes_peak is None else int(state.saved_bytes_peak),
+           "step_peak_bytes": None if getattr(state, "step_peak_bytes", None) is None
+           else int(state.step_peak_bytes)}
     for term, value in (state.losses or {}).items():
         row[f"losses/{_name(term)}"] = _float(value)
     evals = (getattr(state, "history", None) or {}).get("eval") if isinstance(getattr(state, "history", None),
@@ -419,13 +422,17 @@ def save_result(result, path: str | os.PathLike, *, compression: str | None = "g
                   for name, values in evals.get("per_field", {}).items()}
         memory = history.get("memory", {})
         mem_at = dict(zip(memory.get("step", []), memory.get("saved_bytes", [])))
-        peak = None
+        step_peak_at = dict(zip(memory.get("step", []), memory.get("step_peak_bytes", [])))
+        peak = step_peak = None
         for i, step in enumerate(history["step"]):
             if step in mem_at:
                 peak = max(peak or 0, int(mem_at[step]))
+            if step_peak_at.get(step, -1) >= 0:
+                step_peak = max(step_peak or 0, int(step_peak_at[step]))
             row = {"step": int(step), "phase": str(history["phase"][i]), "loss": float(history["loss"][i]),
                    "lr": float(history["lr"][i]), "wall_time_s": float(history["wall_time_s"][i]),
-                   "l2_relative_error": float(l2_at.get(step, math.nan)), "saved_bytes_peak": peak}
+                   "l2_relative_error": float(l2_at.get(step, math.nan)), "saved_bytes_peak": peak,
+                   "step_peak_bytes": step_peak}
             for term, values in history.get("terms", {}).items():
                 row[f"losses/{_name(term)}"] = float(values[i])
             for name, values in per_at.items():
@@ -443,8 +450,9 @@ def save_result(result, path: str | os.PathLike, *, compression: str | None = "g
                               input_names=config.get("input_names"), output_names=config.get("output_names"))
         if result.l2_relative_error is not None:
             root["l2_relative_error"] = float(result.l2_relative_error)
-        if result.saved_bytes_peak is not None:
-            root["saved_bytes_peak"] = int(result.saved_bytes_peak)
+        for key in ("saved_bytes_peak", "step_peak_bytes"):
+            if getattr(result, key, None) is not None:
+                root[key] = int(getattr(result, key))
         if state is not None and callable(getattr(state, "state_dict", None)):
             rf.write_checkpoint(state.state_dict(), step=state.step, wall_time_s=state.wall_time_s)
         rf.update_root(**root)

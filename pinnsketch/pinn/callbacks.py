@@ -103,6 +103,7 @@ class TrainingState:
             "history": copy.deepcopy(self.history),
             "wall_time_s": self.wall_time_s,
             "saved_bytes_peak": self.saved_bytes_peak,
+            "step_peak_bytes": self.step_peak_bytes,
             "config": copy.deepcopy(self.config),
             "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks],
         }
@@ -132,6 +133,7 @@ class TrainingState:
         self.history = copy.deepcopy(state["history"])
         self.wall_time_s = state["wall_time_s"]
         self.saved_bytes_peak = state["saved_bytes_peak"]
+        self.step_peak_bytes = state.get("step_peak_bytes")
         self.pending_optimizer_state = copy.deepcopy(state["optimizer"])
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             if cb_state is not None and hasattr(cb, "load_state_dict"):

@@ -104,7 +104,7 @@ class Result:
         history: per-step lists (step, phase, loss, lr, wall_time_s, step_time_s, terms{name: [...]},
             parameters{name: [...]}); `step` counts iterations done (an L-BFGS record may cover several)
             and evaluations (eval{step, l2_relative_error, per_field{name: [...]}}),
-            memory{step, saved_bytes}, refine{step, points_added}.
+            memory{step, saved_bytes, step_peak_bytes (-1: not measured)}, refine{step, points_added}.
         l2_relative_error: final relative L2 error over all outputs (None without a reference);
             l2_per_field: the same per output.
         parameters: trained values of the problem's `Parameter`s.

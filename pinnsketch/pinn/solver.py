@@ -157,7 +157,7 @@ def _new_history(term_names: Sequence[str], parameter_names: Sequence[str]) -> d
         "terms": {name: [] for name in term_names},
         "parameters": {name: [] for name in parameter_names},
         "eval": {"step": [], "l2_relative_error": [], "per_field": {}},
-        "memory": {"step": [], "saved_bytes": []},
+        "memory": {"step": [], "saved_bytes": [], "step_peak_bytes": []},
         "refine": {"step": [], "points_added": [], "domain_points": []},
     }
 
@@ -266,6 +266,7 @@ class _Run:
             h["memory"]["saved_bytes"].append(int(meter.peak_bytes))
             st.saved_bytes_peak = max(st.saved_bytes_peak or 0, int(meter.peak_bytes))
             peak = meter.step_peak_bytes
+            h["memory"].setdefault("step_peak_bytes", []).append(-1 if peak is None else int(peak))
             if peak is not None:
                 st.step_peak_bytes = max(st.step_peak_bytes or 0, int(peak))
         st.l2_relative_error = None
