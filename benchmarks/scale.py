@@ -203,8 +203,11 @@ def capacity(args, save=lambda records: None) -> list[dict]:
     for workload in args.workloads:
         found = {}
         for system in args.systems:
-            def fits(n, system=system, workload=workload):
+            tried = []
+
+            def fits(n, system=system, workload=workload, tried=tried):
                 rec = run_attempt(workload, system, n, args.meter, args.device, args.threads)
+                tried.append({"points": n, **rec})
                 ok = rec.get("peak_bytes") is not None and rec["peak_bytes"] <= args.budget
                 print(f"  {workload:7s} {system:10s} N={n:8d}  peak "
                       f"{'-' if rec.get('peak_bytes') is None else rec['peak_bytes'] / 2**20:>8} MiB  "
@@ -215,7 +218,8 @@ def capacity(args, save=lambda records: None) -> list[dict]:
             records.append({"workload": workload, "storage": system, "budget_bytes": args.budget,
                             "meter": args.meter, "max_points": n,
                             "peak_bytes_at_max": None if rec is None else rec["peak_bytes"],
-                            "step_time_s": None if rec is None else rec["step_time_s"]})
+                            "step_time_s": None if rec is None else rec["step_time_s"],
+                            "attempts": sorted(tried, key=lambda a: a["points"])})
         for r in records:
             if r["workload"] == workload:
                 r["ratio_to_exact"] = (r["max_points"] / found["exact"]) if found.get("exact") else None
