@@ -88,6 +88,8 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="steps between error evaluations")
     p.add_argument("--out", default=None, metavar="FILE", help="write the run to FILE (HDF5)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the loss with torch.compile (pays for --storage exact; see solve(compile=))")
     _debug_flag(p, top=False)
     p.set_defaults(func=solve_command)
     return p
@@ -124,7 +126,7 @@ def solve_command(args: argparse.Namespace) -> int:
 
     problem = problems.get(args.problem)
     options = _solve_options(problem, args)
-    result = solve(problem, progress=not args.no_progress, **options)
+    result = solve(problem, progress=not args.no_progress, compile=args.compile, **options)
     storage = result.config.get("storage")
     l2 = result.l2_relative_error
     where = f"{result.config['problem']}, storage={storage}, {result.config['steps_done']} steps, {result.timing['total_s']:.1f} s"
@@ -132,6 +134,10 @@ def solve_command(args: argparse.Namespace) -> int:
         print(f"relative L2 error: n/a (the problem has no reference) [{where}]")
     else:
         print(f"relative L2 error: {l2:.3e} [{where}]")
+    if "compile_s" in result.timing:
+        t = result.timing
+        print(f"compile: {t['compile_s']:.1f} s (not in the steps); Adam {t['adam_ms_per_step']:.2f} ms/step, "
+              f"L-BFGS {t['lbfgs_ms_per_step']:.2f} ms/iteration")
     if args.out:
         path = result.save(args.out)
         print(f"saved to {path}")

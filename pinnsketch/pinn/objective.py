@@ -129,6 +129,7 @@ class Objective:
         cps = self.points.conditions_points
         parts = [self.points.domain, *(cp.x for cp in cps)]
         self.x_all = self._tensor(np.concatenate(parts))
+        self.x_parts = [self._tensor(p) for p in parts]  # the compiled step's inputs (`compiled.py`)
         bounds = np.cumsum([0] + [len(p) for p in parts])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self.extras = [{k: self._tensor(v) for k, v in cp.extras.items()} for cp in cps]
@@ -160,14 +161,18 @@ class Objective:
         self._refresh()
         x = self.x_all
         jet = self.provider(self.network, x, self.spec, self.transform)
-        inner = self.slices[0]
+        return self.terms_of(x, jet, self.slices, self.extras)
+
+    def terms_of(self, x: torch.Tensor, jet, slices: Sequence[slice], extras: Sequence[dict]) -> torch.Tensor:
+        """The terms from the jet of all points x (N, d): `slices[0]` the interior, then one per condition."""
+        inner = slices[0]
         fields = self._fields(jet, inner, f"{type(self.problem).__name__}.residual")
         losses = [r.square().mean() for r in self._residual_terms_at(x[inner], fields).values()]
-        for cond, rows, extras in zip(self.conditions, self.slices[1:], self.extras):
+        for cond, rows, extra in zip(self.conditions, slices[1:], extras):
             column = self.layout.field_index(cond.field, type(cond).__name__)
             u = self._fields(jet, rows, "a condition")[column]
             # user-supplied values were shape-checked inside the condition
-            losses.append(cond.residual(x[rows], u, extras, self.layout).square().mean())
+            losses.append(cond.residual(x[rows], u, extra, self.layout).square().mean())
         return torch.stack(losses)
 
     def total(self, terms: torch.Tensor) -> torch.Tensor:
