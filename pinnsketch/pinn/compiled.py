@@ -4,7 +4,7 @@ Under `storage="exact"` every activation is kept anyway, so the network's jet
 runs as plain torch ops (`pinnsketch.nn.functional.plain_jet`) and the whole
 loss (network jet, residual, conditions) is one `torch.compile`d function of
 the point sets, forward and backward fused by inductor. The point counts are
-symbolic (`dynamic=True`), so resampling and refinement do not recompile. On
+symbolic (marked dynamic), so resampling and refinement do not recompile. On
 CUDA the function is compiled with `mode="reduce-overhead"` (CUDA graphs, one
 graph per point count); that path is not exercised by the CPU test suite.
 
@@ -50,12 +50,14 @@ class CompiledLoss:
     The first call compiles forward and backward (a gradient of the summed terms
     that is thrown away) and times it as `compile_s`; later calls only run.
     `active` is False after a failed compilation (then `terms()` is eager).
+    backend: torch.compile's backend ("inductor"; "aot_eager" traces without code generation).
     """
 
-    def __init__(self, objective: Objective, params: list[torch.Tensor], device: torch.device):
+    def __init__(self, objective: Objective, params: list[torch.Tensor], device: torch.device,
+                 backend: str = "inductor"):
         self.objective, self.params = objective, params
-        self.mode = "reduce-overhead" if device.type == "cuda" else None
-        self._compiled = torch.compile(self._terms, dynamic=True, mode=self.mode)
+        self.mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+        self._compiled = torch.compile(self._terms, backend=backend, mode=self.mode)
         self.active = True
         self.compiled = False
         self.compile_s = 0.0
@@ -73,6 +75,12 @@ class CompiledLoss:
     def _call(self) -> torch.Tensor:
         obj = self.objective
         obj._refresh()
+        for part in obj.x_parts:  # point counts are symbolic: a new count reuses the compiled code
+            torch._dynamo.maybe_mark_dynamic(part, 0)
+        for extra in obj.extras:
+            for value in extra.values():
+                if value.dim():
+                    torch._dynamo.maybe_mark_dynamic(value, 0)
         return self._compiled(obj.x_parts, obj.extras)
 
     def prepare(self) -> None:
@@ -85,8 +93,9 @@ class CompiledLoss:
             torch.autograd.grad(terms.sum(), [p for p in self.params if p.requires_grad], allow_unused=True)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager loss is the same loss
             self.active = False
+            cause = " ".join(str(exc).split())[:300]  # one line, however long the compiler's report
             warnings.warn(
-                f"solve(compile=True): torch.compile failed ({type(exc).__name__}: {str(exc).strip()[:300]}); "
+                f"solve(compile=True): torch.compile failed ({type(exc).__name__}: {cause}); "
                 "the run continues eagerly",
                 RuntimeWarning, stacklevel=4,
             )

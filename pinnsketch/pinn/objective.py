@@ -21,7 +21,6 @@ from ..nn.jet import JetSpec
 from .conditions import Condition, as_column
 from .derivatives import DerivativeProvider, discover_fields, fields_of
 from .errors import ProblemDefinitionError
-from .fields import Field
 from .problem import Layout, Problem
 from .sampling import CollocationPoints
 
@@ -136,11 +135,8 @@ class Objective:
         self._version = self.points.version
 
     # --- evaluation ---------------------------------------------------------------------
-    def _fields(self, jet, rows: slice | None, what: str):
-        fields = fields_of(jet, self.layout.input_names, self.layout.output_names, what)
-        if rows is None:
-            return fields
-        return [Field(f.name, f.input_names, _sliced(f, rows)) for f in fields]
+    def _fields(self, jet, what: str):
+        return fields_of(jet, self.layout.input_names, self.layout.output_names, what)
 
     def _residual_terms_at(self, x: torch.Tensor, fields) -> dict[str, torch.Tensor]:
         terms = _residual_terms(self.problem.residual(x, *fields), len(x), type(self.problem).__name__)
@@ -154,7 +150,7 @@ class Objective:
     def residuals(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The residual terms at x (N, d), each (N,)."""
         jet = self.provider(self.network, x, self.residual_spec, self.transform)
-        return self._residual_terms_at(x, self._fields(jet, None, f"{type(self.problem).__name__}.residual"))
+        return self._residual_terms_at(x, self._fields(jet, f"{type(self.problem).__name__}.residual"))
 
     def terms(self) -> torch.Tensor:
         """Unweighted mean-square loss of every term, (n_terms,) in `term_names` order."""
@@ -166,11 +162,11 @@ class Objective:
     def terms_of(self, x: torch.Tensor, jet, slices: Sequence[slice], extras: Sequence[dict]) -> torch.Tensor:
         """The terms from the jet of all points x (N, d): `slices[0]` the interior, then one per condition."""
         inner = slices[0]
-        fields = self._fields(jet, inner, f"{type(self.problem).__name__}.residual")
+        fields = self._fields(jet[inner], f"{type(self.problem).__name__}.residual")
         losses = [r.square().mean() for r in self._residual_terms_at(x[inner], fields).values()]
         for cond, rows, extra in zip(self.conditions, slices[1:], extras):
             column = self.layout.field_index(cond.field, type(cond).__name__)
-            u = self._fields(jet, rows, "a condition")[column]
+            u = self._fields(jet[rows], "a condition")[column]
             # user-supplied values were shape-checked inside the condition
             losses.append(cond.residual(x[rows], u, extra, self.layout).square().mean())
         return torch.stack(losses)
@@ -187,11 +183,6 @@ class Objective:
             terms = self.residuals(xb)
             out.append(sum(r.square() for r in terms.values()).double().cpu().numpy())
         return np.concatenate(out)
-
-
-def _sliced(field, sl: slice):
-    source = field._source
-    return lambda mi: source(mi)[sl]
 
 
 def _unique(names: Sequence[str], taken: Sequence[str]) -> list[str]:
