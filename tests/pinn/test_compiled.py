@@ -133,3 +133,11 @@ def test_compile_with_sketched_storage_warns_and_runs_eagerly():
     with pytest.warns(RuntimeWarning, match="runs eagerly.*LowRankStorage"):
         run = _Run(Burgers(), o, "lowrank", (), False, True)
     assert run.loss_source is run.objective
+
+
+def test_cli_compile_flag():
+    from pinnsketch.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["solve", "burgers", "--compile"]).compile is True
+    assert parser.parse_args(["solve", "burgers"]).compile is False
