@@ -94,6 +94,8 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     from .io.commands import add_run_file_arguments
 
     add_run_file_arguments(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the loss with torch.compile (pays for --storage exact; see solve(compile=))")
     _debug_flag(p, top=False)
     p.set_defaults(func=solve_command)
     return p
@@ -180,7 +182,8 @@ def solve_command(args: argparse.Namespace) -> int:
         options.get("lbfgs", _problem_default(problem, "lbfgs")).steps
     callbacks, state = run_file_callbacks(args, total_steps=total, config=extra)
     try:
-        result = solve(problem, progress=not args.no_progress, callbacks=callbacks, resume=state, **options)
+        result = solve(problem, progress=not args.no_progress, callbacks=callbacks, resume=state,
+                       compile=args.compile, **options)
     except TrainingDivergedError as err:
         where = f"; {out} keeps the history up to step {_err_step(callbacks)} and the last checkpoint" if out else ""
         raise CommandError(f"{str(err).splitlines()[0]}{where}") from err
@@ -191,6 +194,10 @@ def solve_command(args: argparse.Namespace) -> int:
         print(f"relative L2 error: n/a (the problem has no reference) [{where}]")
     else:
         print(f"relative L2 error: {l2:.3e} [{where}]")
+    if "compile_s" in result.timing:
+        t = result.timing
+        print(f"compile: {t['compile_s']:.1f} s (not in the steps); Adam {t['adam_ms_per_step']:.2f} ms/step, "
+              f"L-BFGS {t['lbfgs_ms_per_step']:.2f} ms/iteration")
     stop = result.history.get("lbfgs_stop")
     if stop:
         print(f"L-BFGS stopped at step {stop['step']}: {stop['reason']} ({stop['detail']})")

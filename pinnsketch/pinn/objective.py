@@ -21,7 +21,6 @@ from ..nn.jet import JetSpec
 from .conditions import Condition, as_column
 from .derivatives import DerivativeProvider, discover_fields, fields_of
 from .errors import ProblemDefinitionError
-from .fields import Field
 from .problem import Layout, Problem
 from .sampling import CollocationPoints
 
@@ -129,17 +128,15 @@ class Objective:
         cps = self.points.conditions_points
         parts = [self.points.domain, *(cp.x for cp in cps)]
         self.x_all = self._tensor(np.concatenate(parts))
+        self.x_parts = [self._tensor(p) for p in parts]  # the compiled step's inputs (`compiled.py`)
         bounds = np.cumsum([0] + [len(p) for p in parts])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self.extras = [{k: self._tensor(v) for k, v in cp.extras.items()} for cp in cps]
         self._version = self.points.version
 
     # --- evaluation ---------------------------------------------------------------------
-    def _fields(self, jet, rows: slice | None, what: str):
-        fields = fields_of(jet, self.layout.input_names, self.layout.output_names, what)
-        if rows is None:
-            return fields
-        return [Field(f.name, f.input_names, _sliced(f, rows)) for f in fields]
+    def _fields(self, jet, what: str):
+        return fields_of(jet, self.layout.input_names, self.layout.output_names, what)
 
     def _residual_terms_at(self, x: torch.Tensor, fields) -> dict[str, torch.Tensor]:
         terms = _residual_terms(self.problem.residual(x, *fields), len(x), type(self.problem).__name__)
@@ -153,21 +150,25 @@ class Objective:
     def residuals(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The residual terms at x (N, d), each (N,)."""
         jet = self.provider(self.network, x, self.residual_spec, self.transform)
-        return self._residual_terms_at(x, self._fields(jet, None, f"{type(self.problem).__name__}.residual"))
+        return self._residual_terms_at(x, self._fields(jet, f"{type(self.problem).__name__}.residual"))
 
     def terms(self) -> torch.Tensor:
         """Unweighted mean-square loss of every term, (n_terms,) in `term_names` order."""
         self._refresh()
         x = self.x_all
         jet = self.provider(self.network, x, self.spec, self.transform)
-        inner = self.slices[0]
-        fields = self._fields(jet, inner, f"{type(self.problem).__name__}.residual")
+        return self.terms_of(x, jet, self.slices, self.extras)
+
+    def terms_of(self, x: torch.Tensor, jet, slices: Sequence[slice], extras: Sequence[dict]) -> torch.Tensor:
+        """The terms from the jet of all points x (N, d): `slices[0]` the interior, then one per condition."""
+        inner = slices[0]
+        fields = self._fields(jet[inner], f"{type(self.problem).__name__}.residual")
         losses = [r.square().mean() for r in self._residual_terms_at(x[inner], fields).values()]
-        for cond, rows, extras in zip(self.conditions, self.slices[1:], self.extras):
+        for cond, rows, extra in zip(self.conditions, slices[1:], extras):
             column = self.layout.field_index(cond.field, type(cond).__name__)
-            u = self._fields(jet, rows, "a condition")[column]
+            u = self._fields(jet[rows], "a condition")[column]
             # user-supplied values were shape-checked inside the condition
-            losses.append(cond.residual(x[rows], u, extras, self.layout).square().mean())
+            losses.append(cond.residual(x[rows], u, extra, self.layout).square().mean())
         return torch.stack(losses)
 
     def total(self, terms: torch.Tensor) -> torch.Tensor:
@@ -182,11 +183,6 @@ class Objective:
             terms = self.residuals(xb)
             out.append(sum(r.square() for r in terms.values()).double().cpu().numpy())
         return np.concatenate(out)
-
-
-def _sliced(field, sl: slice):
-    source = field._source
-    return lambda mi: source(mi)[sl]
 
 
 def _unique(names: Sequence[str], taken: Sequence[str]) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -165,7 +166,8 @@ def _new_history(term_names: Sequence[str], parameter_names: Sequence[str]) -> d
 class _Run:
     """The state of one solve: built once, then driven phase by phase."""
 
-    def __init__(self, problem: Problem, o: dict, explicit_storage, callbacks, progress: bool):
+    def __init__(self, problem: Problem, o: dict, explicit_storage, callbacks, progress: bool,
+                 compile: bool = False):
         self.problem, self.o = problem, o
         self.layout = layout = Layout.of(problem)
         conditions = list(problem.conditions)
@@ -191,6 +193,7 @@ class _Run:
         self.objective = Objective(problem, layout, self.network, get_provider(o["derivatives"]), self.points,
                                    self.dtype, self.device, o["loss_weights"])
         self.evaluator: Evaluator | None = None  # built in run(): references can be costly
+        self.loss_source = self._loss_source(compile)
         adam, lbfgs = o["adam"], o["lbfgs"]
         self.callbacks = _check_callbacks(callbacks)
         self.bar = ProgressBar(disable=None if progress else True)
@@ -223,9 +226,21 @@ class _Run:
             "torch_version": torch.__version__,
         }
 
+    def _loss_source(self, compile: bool):
+        """The objective, or its compiled loss (`compiled.py`) when compile=True and it pays."""
+        if not compile:
+            return self.objective
+        from .compiled import CompiledLoss, compile_reason
+
+        reason = compile_reason(self.network, self.objective)
+        if reason is not None:
+            warnings.warn(f"solve(compile=True) runs eagerly: {reason}", RuntimeWarning, stacklevel=4)
+            return self.objective
+        return CompiledLoss(self.objective, self.params, self.device)
+
     # --- one step ------------------------------------------------------------------------
     def _loss(self, phase: str, lr: float) -> tuple[torch.Tensor, list[float]]:
-        terms = self.objective.terms()
+        terms = self.loss_source.terms()
         loss = self.objective.total(terms)
         values = torch.cat([loss.detach().reshape(1), terms.detach()]).tolist()
         if not all(math.isfinite(v) for v in values):
@@ -391,6 +406,9 @@ class _Run:
         try:
             for cb in self._all_callbacks:
                 cb.on_start(st)
+            prepare = getattr(self.loss_source, "prepare", None)
+            if callable(prepare):
+                prepare()  # compile now, so that no step time includes it
             self.adam()
             st.stop_phase = False
             self.lbfgs()
@@ -413,6 +431,9 @@ class _Run:
         report = getattr(self.network, "storage_report", None)
         st.storage_report = report() if callable(report) else []
         timing: dict[str, float] = {"total_s": st.wall_time_s}
+        compile_s = getattr(self.loss_source, "compile_s", None)
+        if compile_s is not None:
+            timing["compile_s"] = compile_s  # the first step's compilation, not in its step time
         iterations = [b - a for a, b in zip([0, *h["step"][:-1]], h["step"])]
         for phase in ("adam", "lbfgs"):
             rows = [(t, n) for t, n, p in zip(h["step_time_s"], iterations, h["phase"]) if p == phase]
@@ -479,7 +500,8 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
           adam: Adam | None = None, lbfgs: LBFGS | None = None, points: Points | None = None,
           loss_weights: Mapping[str, float] | None = None, seed: int | None = None, dtype=None, device=None,
           derivatives: str | None = None, eval_every: int | None = None, eval_points: int | None = None,
-          progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None) -> Result:
+          progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None,
+          compile: bool = False) -> Result:
     """Train a PINN on `problem` and return a checked `Result`.
 
     Args (all keyword-only; None -> problem.solver_defaults, else `DEFAULTS`):
@@ -497,6 +519,10 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
         eval_points: grid size when the reference is `exact` on the domain.
         progress: show a tqdm bar (only on a terminal).
         callbacks: ps.Callback objects; resume: a TrainingState.state_dict() to continue.
+        compile: run the loss through torch.compile (storage="exact" with a pinnsketch
+            MLP/ResidualMLP and jets; other set-ups run eagerly with a warning, and so does a
+            failed compilation). The compilation is timed as result.timing["compile_s"],
+            outside the step times.
 
     Raises:
         ProblemDefinitionError (a ValueError) for inconsistent problems,
@@ -507,4 +533,4 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
                  eval_every=eval_every, eval_points=eval_points)
     options = _resolve(problem, given)
     _check_options(options)
-    return _Run(problem, options, storage, callbacks, progress).run(resume)
+    return _Run(problem, options, storage, callbacks, progress, compile).run(resume)
