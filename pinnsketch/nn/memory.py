@@ -37,8 +37,8 @@ NOTE [the peak of a step]
         CPU allocator reports to the profiler (``profile_memory=True``), which
         sees every tensor buffer, including those an op allocates and frees
         inside itself. It costs a profiled step (op records), so meter a few
-        steps, not all; it cannot run inside another torch profiler (then the
-        figure is None).
+        steps, not all; it cannot run inside another torch profiler or outside
+        the main thread (then the figure is None).
     What neither counts: memory outside torch's allocators (BLAS workspaces,
     Python objects, allocator fragmentation). Benchmarks that need the process's
     view use `ResidentPeak` in a fresh process.
@@ -240,7 +240,7 @@ class _QuietProfilerLog:
     to a temporary file meanwhile and replayed without those lines.
     """
 
-    _NOISE = ("USDT:", "STAGE:", "CPUAllocator.cpp", "SyncActivityProfilerHandler")
+    _NOISE = ("USDT:", "STAGE:", "CPUAllocator.cpp", "SyncActivityProfilerHandler", "External init callback")
 
     def __enter__(self):
         import sys
@@ -277,8 +277,13 @@ class _QuietProfilerLog:
 
 
 def _start_allocation_profiler():
-    """A running CPU profiler that records allocator events, or None where one cannot start."""
+    """A running CPU profiler that records allocator events, or None where one cannot start
+    (another profiler is active, or this is not the main thread: torch's profiler backend
+    registers itself with the thread that first starts it)."""
     from torch.profiler import ProfilerActivity, profile
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     try:

@@ -164,3 +164,19 @@ def test_step_peak_off_by_default():
     with MemoryMeter() as meter:
         torch.ones(10)
     assert meter.step_peak_bytes is None
+
+
+def test_step_peak_is_none_outside_the_main_thread():
+    import threading
+
+    out = {}
+
+    def work():
+        with MemoryMeter(step_peak=True) as meter:
+            torch.ones(1 << 16)
+        out["peak"] = meter.step_peak_bytes
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert out == {"peak": None}
