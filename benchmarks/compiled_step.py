@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,16 +36,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 NU = 0.01 / math.pi
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def burgers(x_ref=None, u_ref=None):
@@ -165,7 +154,7 @@ def main(argv=None) -> int:
     cli.add_argument("--out", default=str(HERE / "results" / "compiled_step.json"))
     opts = cli.parse_args(argv)
     torch.set_num_threads(1)
-    from pinnsketch.data.bench import git_commit
+    from pinnsketch.data.bench import cpu_model, git_commit
 
     variants = {"eager_exact": PinnStepper("exact", False, opts.seed),
                 "compiled_exact": PinnStepper("exact", True, opts.seed),

@@ -220,13 +220,9 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return {"gpu_name": torch.cuda.get_device_name(device), "gpu_memory_bytes": props.total_memory}
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"cpu_model": model or platform.processor() or None}
+    from pinnsketch.data.bench import cpu_model
+
+    return {"cpu_model": cpu_model()}
 
 
 def predicted_s(records: list[dict], config: dict) -> float | None:

@@ -314,10 +314,10 @@ def main(argv=None) -> int:
         workload, system, n = args.attempt
         print(json.dumps(attempt(workload, system, int(n), args.meter, args.device)))
         return 0
-    from pinnsketch.data.bench import git_commit
+    from pinnsketch.data.bench import cpu_model, git_commit
 
     device_name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-                   else _cpu_model())
+                   else cpu_model())
     out = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "commit": git_commit(), "torch": torch.__version__, "device": args.device, "device_name": device_name,
            "threads": args.threads, "python": platform.python_version(), "records": []}
@@ -339,16 +339,6 @@ def main(argv=None) -> int:
     save(records)
     print(json.dumps(records, indent=2))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -101,17 +101,6 @@ FAST = {
 QUICK = {"adam": 60, "lbfgs": 20, "check_every": 20}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # --- references --------------------------------------------------------------------------
 def burgers_reference() -> tuple[np.ndarray, np.ndarray]:
     """DeepXDE's Burgers grid: x (25600, 2) rows (x_i, t_j) at i * 100 + j, u (25600, 1)."""
@@ -437,7 +426,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pinnsketch.data.bench import git_commit, jsonable
+    from pinnsketch.data.bench import cpu_model, git_commit, jsonable
 
     entry = {
         "benchmark": "time_to_accuracy",

@@ -262,13 +262,9 @@ def available_variants(names: list[str]) -> tuple[list[str], dict[str, str]]:
 def device_name(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"gpu_name": torch.cuda.get_device_name(device)}
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"cpu_model": model or platform.processor() or None}
+    from pinnsketch.data.bench import cpu_model
+
+    return {"cpu_model": cpu_model()}
 
 
 def interleave(opts, variants: list[str], device: torch.device, x_ref, u_ref) -> dict:

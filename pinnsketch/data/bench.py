@@ -239,6 +239,19 @@ def jsonable(value):
     return str(value)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo "model name"), else platform.processor() or the machine."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def git_commit() -> str | None:
     """The commit this package runs from, with "+dirty" when the working tree has changes
     (the results then do not come from that commit alone); None outside git."""
