@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -115,23 +114,10 @@ class FloorStepper:
 class DeepXDEStepper:
     def __init__(self, seed: int):
         os.environ.setdefault("DDE_BACKEND", "pytorch")
-        import deepxde as dde
+        from vs_deepxde import deepxde_burgers_model
 
         device = torch.get_default_device()
-        dde.config.set_random_seed(seed)
-        geom = dde.geometry.GeometryXTime(dde.geometry.Interval(-1, 1), dde.geometry.TimeDomain(0, 0.99))
-
-        def pde(x, y):
-            dy_x = dde.grad.jacobian(y, x, i=0, j=0)
-            dy_t = dde.grad.jacobian(y, x, i=0, j=1)
-            dy_xx = dde.grad.hessian(y, x, i=0, j=0)
-            return dy_t + y * dy_x - NU * dy_xx
-
-        bc = dde.icbc.DirichletBC(geom, lambda x: 0, lambda _, on_boundary: on_boundary)
-        ic = dde.icbc.IC(geom, lambda x: -np.sin(np.pi * x[:, 0:1]), lambda _, on_initial: on_initial)
-        data = dde.data.TimePDE(geom, pde, [bc, ic], num_domain=2540, num_boundary=80, num_initial=160)
-        self.model = dde.Model(data, dde.nn.FNN([2] + [20] * 3 + [1], "tanh", "Glorot normal"))
-        self.model.compile("adam", lr=1e-3)
+        self.model = deepxde_burgers_model(seed)           # vs_deepxde.py's set-up, DeepXDE's own API
         torch.set_default_device(None if device.type == "cpu" else device)  # undo deepxde's import-time switch
 
     def steps(self, n: int) -> None:

@@ -266,14 +266,12 @@ def main(argv=None) -> int:
         config = json.loads(opts.one)
         print(json.dumps(measure(config, torch.device("cpu"))))
         return 0
+    from pinnsketch.data.bench import benchmark_device
+
     try:
-        device = torch.device(opts.device)
-    except RuntimeError:
-        cli.error(f"--device {opts.device!r} is not a device; pass cpu or cuda[:N]")
-    if device.type not in ("cpu", "cuda"):
-        cli.error(f"--device {opts.device!r}: pass cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        cli.error(f"--device {opts.device} but CUDA is not available here; pass --device cpu")
+        device = benchmark_device(opts.device)
+    except ValueError as err:
+        cli.error(str(err))
     if opts.dry_run:
         opts.points = opts.points or [256]
         opts.width, opts.depth, opts.residual_depth, opts.steps, opts.warmup = 16, 2, 2, 2, 1

@@ -177,11 +177,13 @@ def l2(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(pred - ref) / np.linalg.norm(ref))
 
 
-def run_deepxde(clock: BlockClock, seed: int, device: torch.device, x_ref, u_ref) -> dict:
+def deepxde_burgers_model(seed: int):
+    """DeepXDE's Burgers example (`SETUP`) through its own API, compiled for Adam: a `dde.Model`.
+
+    DeepXDE places its tensors on torch's default device, which is per thread: set it first.
+    """
     import deepxde as dde
 
-    # DeepXDE places its tensors on torch's default device, which is per thread: this one only.
-    torch.set_default_device(device)
     dde.config.set_random_seed(seed)
     geom = dde.geometry.GeometryXTime(dde.geometry.Interval(-1, 1), dde.geometry.TimeDomain(0, 0.99))
 
@@ -195,9 +197,17 @@ def run_deepxde(clock: BlockClock, seed: int, device: torch.device, x_ref, u_ref
     ic = dde.icbc.IC(geom, lambda x: -np.sin(np.pi * x[:, 0:1]), lambda _, on_initial: on_initial)
     data = dde.data.TimePDE(geom, pde, [bc, ic], num_domain=SETUP["domain"], num_boundary=SETUP["boundary"],
                             num_initial=SETUP["initial"])
-    net = dde.nn.FNN(SETUP["layers"], SETUP["activation"], "Glorot normal")
-    model = dde.Model(data, net)
+    model = dde.Model(data, dde.nn.FNN(SETUP["layers"], SETUP["activation"], "Glorot normal"))
     model.compile("adam", lr=SETUP["lr"])
+    return model
+
+
+def run_deepxde(clock: BlockClock, seed: int, device: torch.device, x_ref, u_ref) -> dict:
+    import deepxde as dde
+
+    # DeepXDE places its tensors on torch's default device, which is per thread: this one only.
+    torch.set_default_device(device)
+    model = deepxde_burgers_model(seed)
 
     class Turns(dde.callbacks.Callback):
         def on_train_begin(self):
@@ -348,14 +358,12 @@ def main(argv=None) -> int:
     if opts.block < 1 or opts.iterations < opts.block or opts.warmup < 0 or opts.threads < 0:
         cli.error(f"need --block >= 1, --iterations >= --block, --warmup >= 0, --threads >= 0; got "
                   f"block={opts.block}, iterations={opts.iterations}, warmup={opts.warmup}, threads={opts.threads}")
+    from pinnsketch.data.bench import benchmark_device
+
     try:
-        device = torch.device(opts.device)
-    except RuntimeError:
-        cli.error(f"--device {opts.device!r} is not a device; pass cpu or cuda[:N]")
-    if device.type not in ("cpu", "cuda"):
-        cli.error(f"--device {opts.device!r}: pass cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        cli.error(f"--device {opts.device} but CUDA is not available here; pass --device cpu")
+        device = benchmark_device(opts.device)
+    except ValueError as err:
+        cli.error(str(err))
     if opts.reference is not None and not Path(opts.reference).is_file():
         cli.error(f"--reference {opts.reference}: no such file")
     os.environ.setdefault("DDE_BACKEND", "pytorch")

@@ -239,6 +239,19 @@ def jsonable(value):
     return str(value)
 
 
+def benchmark_device(text: str) -> torch.device:
+    """The device a benchmark's --device names: cpu or an available cuda[:N]; ValueError naming the fix."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device; pass cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: pass cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text} but CUDA is not available here; pass --device cpu")
+    return device
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo "model name"), else platform.processor() or the machine."""
     import platform
