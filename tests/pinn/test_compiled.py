@@ -135,9 +135,18 @@ def test_compile_with_sketched_storage_warns_and_runs_eagerly():
     assert run.loss_source is run.objective
 
 
-def test_cli_compile_flag():
-    from pinnsketch.cli import build_parser
+def test_cli_compile_flag_reaches_solve():
+    """`pinnsketch solve ... --compile` through the real command in a subprocess: with a sketched policy
+    the flag reaches solve(), which says once that it runs eagerly, and the run completes."""
+    import os
+    import subprocess
+    import sys
 
-    parser = build_parser()
-    assert parser.parse_args(["solve", "burgers", "--compile"]).compile is True
-    assert parser.parse_args(["solve", "burgers"]).compile is False
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDE_BACKEND="pytorch")
+    proc = subprocess.run([sys.executable, "-m", "pinnsketch.cli", "solve", "heat", "--storage", "lowrank",
+                           "--compile", "--steps", "3", "--lbfgs-steps", "0", "--points", "32", "--width", "8",
+                           "--depth", "1", "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("runs eagerly") == 1
+    assert "relative L2 error" in proc.stdout
