@@ -84,22 +84,25 @@ def prepare_chain(stages: tuple[ChainStage, ...], z: torch.Tensor, params: list[
     A policy that encodes rows as they are produced needs what it learns from the
     whole input (lowrank: its basis) before the first row arrives; it gets that
     from a strided sample of rows run through the chain without storing anything,
-    once per step and call shape: 8 rows per unit of width, between 256 and 2,048
+    once per step and call shape (S, N, w): 8 rows per unit of width, between 256 and 2,048
     (a basis of a few dozen directions in w dimensions needs a few times w rows;
     at 32,768 points and width 256 the sample costs 1/16 of the forward).
     """
     s, n, _ = z.shape
-    widths = [params[2 * i].shape[1] for i, st in enumerate(stages)
-              if st.block.storage.wants_sample(st.block, s, params[2 * i].shape[1])]
-    if not widths:
+    shapes = [(s, n, params[2 * i].shape[1]) for i in range(len(stages))]
+    # one wants_sample per block and call: a policy may number the calls of a step by it
+    wanting = [st.block.storage.wants_sample(st.block, shape) for st, shape in zip(stages, shapes)]
+    if not any(wanting):
         return
-    sample_rows = min(2048, max(256, 8 * max(widths)))
+    sample_rows = min(2048, max(256, 8 * max(w for (_, _, w), want in zip(shapes, wanting) if want)))
     stride = max(1, -(-n // sample_rows))
     with torch.no_grad():
         zs = z[:, ::stride]
         for i, st in enumerate(stages):
-            if st.block.storage.wants_sample(st.block, s, zs.shape[2]):
-                st.block.storage.prepare(zs, st.block)
+            if wanting[i]:
+                st.block.storage.prepare(zs, st.block, shapes[i])
+            if not any(wanting[i + 1:]):
+                break
             _, zs = _stage_forward(st, zs, params[2 * i], params[2 * i + 1])
 
 

@@ -20,6 +20,8 @@ produces them (`pinnsketch.nn.chain`), so the basis must exist before the
 first row arrives. Once per step and call shape, the chain runs a strided
 sample of rows through the network first (`prepare`: 8 rows per unit of
 width, 256 to 2,048; 1/16 of the forward at 32,768 points and width 256);
+each call of a step (told apart by its shape and its order among calls of that
+shape, so a PINN's boundary and initial points get their own) has its own basis;
 the sample's Gram matrix z_s^T z_s refines the
 previous step's basis by one subspace iteration with Rayleigh-Ritz (Halko,
 Martinsson & Tropp 2011, Alg. 4.3, warm-started; a full eigendecomposition
@@ -54,10 +56,12 @@ activation, the error its reconstruction sends down the derivative path.
   A; so jets through a smooth activation hold the reconstruction error below
   target / (`path_gain` x A). path_gain = 16 was chosen on Burgers' default
   run (relative L2 within 1.07x of exact; 8 gave 1.56x).
-* After every step (`advance()`) the worst of predicted gradient error /
-  target (predicted = kappa x reconstruction error) and reconstruction error /
-  path target decides: above 1, of "double the rank" and "int4 -> int8" the
-  change with the best predicted reduction per stored byte (the rank's effect
+* After every step (`advance()`) the controller (`pinnsketch.nn.lowrank_control`,
+  a small object that sees numbers only) judges each call class (the number of
+  jet streams) on its own: predicted gradient error / target, and for jets
+  through a smooth activation, reconstruction error / path target. The worst
+  class decides: above 1, of "double the rank" and "int4 -> int8" the change
+  with the best predicted reduction per stored byte (the rank's effect
   predicted from the basis' Ritz values); with neither available for
   `patience` steps, exact fallback (recorded in `events`); below 1/4 for
   `patience` steps, the change that saves the most bytes while staying below
@@ -87,14 +91,13 @@ import torch
 from ..sketch import make_operator
 from .activations import Identity, ReLU
 from .codecs import IntCodec, pack_mask, unpack_mask
+from .lowrank_control import LowRankController
 from .storage import (AbstractStorage, Packing, Stored, StorageError, _ExactPacking, check_finite_activation,
                       stored_bytes)
 
 __all__ = ["LowRankStorage"]
 
 _RESIDUALS = ("int4", "int8", None)
-# int8's quantization step is 7/127 of int4's (codes in [-127, 127] against [-7, 7]).
-_INT8_GAIN = 127.0 / 7.0
 
 
 def _bits(residual: str | None) -> int | None:
@@ -140,7 +143,6 @@ class LowRankStorage(AbstractStorage):
 
     name = "lowrank"
     rows_capable = True
-    _KEEP_AUDITS = 64
 
     def __init__(self, target: float = 1e-2, *, rank: int | None = None, residual: str | None = "int4",
                  value_residual: str | None = "int8", adaptive: bool = True, initial_rank: int = 8,
@@ -172,35 +174,66 @@ class LowRankStorage(AbstractStorage):
         self.audit_every, self.audit_size, self.patience = audit_every, audit_size, patience
         self.path_gain = None if path_gain is None else float(path_gain)
         self.noise_fraction = None if noise_fraction is None else float(noise_fraction)
-        self.bits: int | None = _bits(residual)               # derivative streams; adapted
         self.value_bits: int | None = _bits(value_residual)
-        self.exact = False                # in exact fallback
-        self._rank: int | None = None
-        self._width: int | None = None
-        self.kappa: float | None = None   # gradient error / reconstruction error, from audits
-        self.amplification: float | None = None     # A, from audits of calls with jets (else any call)
-        self.noise: float | None = None              # relative sampling noise of the gradient, from audits
-        self.recon_error: float | None = None
-        self.sketch_error: float | None = None       # the low-rank part's own relative error
-        self._step_recon: float | None = None
-        self._step_tail: dict[str, float] = {}       # residual factor at rank 2r ("up") and r/2 ("down")
+        # rank, derivative-stream bits, exact fallback and every measurement behind them
+        self.control = LowRankController(self.target, rank=rank or initial_rank, bits=_bits(residual), r_min=r_min,
+                                         r_max=r_max, patience=patience, path_gain=self.path_gain,
+                                         noise_fraction=self.noise_fraction)
+        self.sketch_error: float | None = None       # the low-rank part's own relative error (reports)
         self._step_measured: set = set()             # (S, N) of the calls measured this step
-        self._path = False                # the block carries jets through a smooth activation
-        self._calm = 0
-        self._stuck = 0
-        self.audits: list[dict] = []      # the latest `_KEEP_AUDITS` audits
-        self.audit_count = 0
-        self.events: list[dict] = []
-        self._bases: dict[tuple[int, int], _Basis] = {}     # (streams, width) -> tracked subspace
-        self._fresh: set = set()                            # call shapes whose basis is this step's
-        self._pending_tails: list = []                      # residual factors of this step's bases
+        self._bases: dict[tuple, _Basis] = {}       # call key (S, N, w, ordinal) -> tracked subspace
+        self._fresh: set = set()                    # call keys whose basis is this step's
+        self._ordinals: dict[tuple, int] = {}       # calls of each shape in the current loss evaluation
+        self._backward_seen = False                 # a backward ran since the last forward call
+        self._key: tuple | None = None              # the key of the call between wants_sample and begin
+        self._pending_tails: list = []                      # (class, residual factors) of this step's bases
         self._pending_calls: list[_Measure] = []            # device-side measurements of this step
         self._pending_audits: list[tuple] = []
 
     # -- configuration state --------------------------------------------------------
     @property
     def rank(self) -> int | None:
-        return self._rank
+        """The current rank (None before the first call fixes the width)."""
+        return None if self.control.width is None else self.control.rank
+
+    @property
+    def bits(self) -> int | None:
+        """Residual bits of the derivative streams (4, 8 or None)."""
+        return self.control.bits
+
+    @property
+    def exact(self) -> bool:
+        """Whether the block is in exact fallback."""
+        return self.control.exact
+
+    @property
+    def kappa(self) -> float | None:
+        return max(self.control.kappa.values(), default=None)
+
+    @property
+    def amplification(self) -> float | None:
+        return max(self.control.amplification.values(), default=None)
+
+    @property
+    def noise(self) -> float | None:
+        return self.control.noise
+
+    @property
+    def recon_error(self) -> float | None:
+        """The worst call class's reconstruction error of the latest measured step."""
+        return max(self.control.recon.values(), default=None)
+
+    @property
+    def audits(self) -> list[dict]:
+        return self.control.audits
+
+    @property
+    def audit_count(self) -> int:
+        return self.control.audit_count
+
+    @property
+    def events(self) -> list[dict]:
+        return self.control.events
 
     @property
     def _controlled(self) -> bool:
@@ -208,23 +241,14 @@ class LowRankStorage(AbstractStorage):
 
     def _start(self, w: int) -> None:
         """First call: bounds from the block's width (the rows of a call vary: clamped per call)."""
-        self._width = w
-        if self.fixed_rank is not None or not self.adaptive:
-            r = self.fixed_rank if self.fixed_rank is not None else self.initial_rank
-            if r > w:
-                raise StorageError(f"layer {self.layer}: rank={r} exceeds the width {w} of the stored "
-                                   f"activation; pass rank <= {w} or storage='exact'")
-            self._rank = r
-        else:
-            self._rank = min(max(self.initial_rank, self._r_min), self._r_max)
-
-    @property
-    def _r_max(self) -> int:
-        return min(self.r_max, self._width or self.r_max)
-
-    @property
-    def _r_min(self) -> int:
-        return min(self.r_min, self._r_max)
+        if self._controlled:
+            self.control.start(w)
+            return
+        r = self.fixed_rank if self.fixed_rank is not None else self.initial_rank
+        if r > w:
+            raise StorageError(f"layer {self.layer}: rank={r} exceeds the width {w} of the stored "
+                               f"activation; pass rank <= {w} or storage='exact'")
+        self.control.width, self.control.rank = w, r
 
     def _is_audit(self) -> bool:
         if not self.audit_every or (self.fixed_rank is not None and not self.adaptive) or not self.adaptive:
@@ -269,74 +293,98 @@ class LowRankStorage(AbstractStorage):
         exact = self._exact_bytes(s, n, w, dtype)
         if 2 * self._compressed_bytes(s, n, w, 1, dtype, smooth) > exact:
             return "exact (narrow)"
-        if self._rank is not None and not self.exact:
-            if self._compressed_bytes(s, n, w, min(self._rank, n, w), dtype, smooth) >= exact:
+        if self.rank is not None and not self.exact:
+            if self._compressed_bytes(s, n, w, min(self.rank, n, w), dtype, smooth) >= exact:
                 return "exact (no saving)"
         return None
 
-    def wants_sample(self, block, streams, width):
-        if (streams, width) in self._fresh:
-            return False
-        return self._stores_exactly(streams, 1 << 20, width, torch.float32, not block.piecewise_linear) is None
+    def _call_key(self, shape) -> tuple:
+        """(S, N, w, ordinal): the ordinal-th call of this shape in the current loss evaluation.
 
-    def prepare(self, z_sample, block):
-        """This step's basis for calls of shape (S, w), from a sample of the step's input rows.
+        Calls of equal shape in one evaluation (a PINN's boundary and initial points, both
+        value-only and often equally many) span different subspaces and need their own bases;
+        a loss evaluation is the forward calls before a backward, so an L-BFGS step's repeated
+        evaluations number their calls alike and reuse the step's bases.
+        """
+        if self._backward_seen:
+            self._ordinals, self._backward_seen = {}, False
+        shape = tuple(shape)
+        k = self._ordinals.get(shape, 0)
+        self._ordinals[shape] = k + 1
+        return (*shape, k)
+
+    def wants_sample(self, block, shape):
+        self._key = key = self._call_key(shape)
+        if key in self._fresh:
+            return False
+        s, _, w = shape
+        return self._stores_exactly(s, 1 << 20, w, torch.float32, not block.piecewise_linear) is None
+
+    def prepare(self, z_sample, block, shape):
+        """This step's basis for calls of `shape` (S, N, w), from a sample of the call's input rows.
 
         Called once per call shape and step, before the first call encodes a row: the Gram
         matrix of the sample refines the previous step's basis by one subspace iteration with
         Rayleigh-Ritz (a full eigendecomposition the first time, or when the subspace is a large
-        part of the width or changes size).
+        part of the width or changes size). Calls are told apart by their row count too: a
+        PINN's boundary and initial points (both value-only, S = 1) span different subspaces,
+        and one basis for both would leave the second call's rows to the quantized residual.
         """
+        key = self._key
+        if key is None or key[:3] != tuple(shape):
+            raise StorageError(f"layer {self.layer}: prepare for shape {tuple(shape)} without wants_sample first; "
+                               "call wants_sample(block, shape) once per forward call, then prepare")
         s, _, w = z_sample.shape
-        if self._rank is None:
+        if self.rank is None:
             check_finite_activation(z_sample, self.layer, self.name)       # once, before any basis exists
             self._start(w)
         gram = z_sample.mT @ z_sample                                           # (S, w, w)
-        basis = self._bases.get((s, w))
+        basis = self._bases.get(key)
         if basis is None:
-            self._bases[(s, w)] = basis = _Basis.from_gram(gram, self._basis_size(w))
+            self._bases[key] = basis = _Basis.from_gram(gram, self._basis_size(w))
         else:
             basis.gram = gram
             basis.update(self._basis_size(w))
-        self._fresh.add((s, w))
-        self._pending_tails.append(basis.tail_factors(min(self._rank, basis.q.shape[-1])))
+        self._fresh.add(key)
+        self._pending_tails.append((s, *basis.tail_factors(min(self.rank, basis.q.shape[-1]))))
 
     def _basis_size(self, w: int) -> int:
         """Columns of the tracked subspace: 2r, so that the energy at rank 2r is known."""
-        return min(w, 2 * self._rank)
+        return min(w, 2 * self.rank)
 
     def pack(self, z_prev, a, block):
         s, n, w = z_prev.shape
-        if self.wants_sample(block, s, w):
-            self.prepare(z_prev[:, ::max(1, n // min(2048, max(256, 8 * w)))], block)
+        if self.wants_sample(block, (s, n, w)):
+            self.prepare(z_prev[:, ::max(1, n // min(2048, max(256, 8 * w)))], block, (s, n, w))
         packing = self.begin(tuple(z_prev.shape), z_prev.dtype, z_prev.device, block)
         packing.add(slice(0, n), z_prev, a)
         return packing.finish()
 
     def begin(self, shape, dtype, device, block):
         s, n, w = shape
+        key = self._key if self._key is not None and self._key[:3] == tuple(shape) else self._call_key(shape)
+        self._key = None
         smooth = not block.piecewise_linear
         why = self._stores_exactly(s, n, w, dtype, smooth)
         if why is not None:
             return _ExactRows(self, shape, dtype, device, why)
-        if self._rank is None:
+        if self.rank is None:
             self._start(w)
-        self._path = self._path or (s > 1 and smooth)
         audit = self._is_audit()
         if self.exact and not audit:
             return _ExactRows(self, shape, dtype, device, "exact (fallback)")
-        basis = self._bases.get((s, w))
+        basis = self._bases.get(key)
         if basis is None:
-            raise StorageError(f"layer {self.layer}: lowrank has no basis for calls of {s} streams and width {w}; "
-                               "call prepare(z_sample) first (pinnsketch.nn.chain does this)")
+            raise StorageError(f"layer {self.layer}: lowrank has no basis for calls of shape {(s, n, w)}; "
+                               "call prepare(z_sample, block, shape) first (pinnsketch.nn.chain does this)")
         # Errors are measured once per step and call size (L-BFGS re-evaluates a step many times
         # at nearby weights), and on every audited call (its kappa needs that call's error).
         measure = audit or (s, n) not in self._step_measured
         if measure:
             self._step_measured.add((s, n))
-        r = min(self._rank, n, w, basis.q.shape[-1])       # a call with fewer rows than the rank
+        r = min(self.rank, n, w, basis.q.shape[-1])       # a call with fewer rows than the rank
         bits = tuple(self._stream_bits(i, s, smooth) for i in range(s))
-        return _LowRankPacking(self, block, shape, dtype, device, basis, r, bits, measure, audit)
+        return _LowRankPacking(self, block, shape, dtype, device, basis, r, bits, measure, audit, s > 1 and smooth)
 
     @staticmethod
     def _mode(bits) -> str:
@@ -345,6 +393,7 @@ class LowRankStorage(AbstractStorage):
 
     # -- backward ------------------------------------------------------------------------
     def unpack(self, saved, meta, block):
+        self._backward_seen = True
         kind = meta[0]
         if kind == "exact":
             return Stored.of(saved[0])
@@ -389,20 +438,21 @@ class LowRankStorage(AbstractStorage):
 
     def _resolve_pending(self) -> None:
         """Read the step's measurements and its bases' residual factors on the host in one transfer,
-        and feed them to the controller."""
+        and hand them to the controller."""
         calls, audits = self._pending_calls, self._pending_audits
-        tails = [t for t in self._pending_tails if t[1] is not None]
+        tails = [t for t in self._pending_tails if t[2] is not None]
         self._pending_tails = []
         if not calls and not audits and not tails:
             return
         values = torch.cat([torch.cat([c.norm_sq, c.low_sq, c.err_sq]) for c in calls]
                            + [torch.stack(a[:3]).to(torch.float64) for a in audits]
-                           + [t.to(torch.float64) for _, t in tails]).tolist()
-        pos = len(values) - sum(len(names) for names, _ in tails)
-        for names, _ in tails:
-            for name in names:
-                self._step_tail[name] = max(self._step_tail.get(name, 0.0), values[pos])
-                pos += 1
+                           + [t.to(torch.float64) for _, _, t in tails]).tolist()
+        control = self.control
+        control.step = self.step
+        pos = len(values) - sum(len(names) for _, names, _ in tails)
+        for cls, names, _ in tails:
+            control.observe_tails(cls, dict(zip(names, values[pos:pos + len(names)])))
+            pos += len(names)
         pos = 0
         for c in calls:
             s = c.shape[0]
@@ -414,10 +464,7 @@ class LowRankStorage(AbstractStorage):
                     "which would corrupt every reconstructed entry; the training diverged or the inputs hold "
                     "NaN/inf. Lower the learning rate, check the inputs, or use storage='exact' to debug")
             c.recon = max((math.sqrt(e / v) if v > 0 else 0.0) for e, v in zip(err_sq, norm_sq))
-            # A step may call the network several times (residual points, boundary points):
-            # the controller sees the worst reconstruction of the step.
-            self._step_recon = max(self._step_recon or 0.0, c.recon)
-            self.recon_error = self._step_recon
+            control.observe_call(s, c.recon, c.path)
             self.sketch_error = max((math.sqrt(e / v) if v > 0 else 0.0) for e, v in zip(low_sq, norm_sq))
         for _, _, _, measure, n, streams in audits:
             acc_norm, grad_norm, spread = values[pos:pos + 3]
@@ -426,155 +473,37 @@ class LowRankStorage(AbstractStorage):
             amp = math.sqrt(spread) / grad_norm if grad_norm > 0 else None
             noise = (math.sqrt(max(spread - grad_norm ** 2 / n, 0.0) * n / (n - 1)) / grad_norm
                      if grad_norm > 0 and n > 1 else None)
-            self._record_audit(err, measure.recon, amp, noise, streams)
+            control.observe_audit(streams, err, measure.recon, amp, noise)
         self._pending_calls, self._pending_audits = [], []
 
     # -- control -------------------------------------------------------------------
-    def _record_audit(self, grad_error: float, recon_error: float, amp: float | None, noise: float | None,
-                      streams: int) -> None:
-        kappa = grad_error / recon_error if recon_error > 0 else None
-        if kappa is not None:
-            # The most pessimistic kappa of this audit step and the block's previous one:
-            # the cancellation behind kappa grows as training converges (an old, smaller
-            # kappa under-predicts), and one step may audit several calls of the network.
-            earlier = [a["step"] for a in self.audits if a["kappa"] is not None and a["step"] < self.step]
-            recent = [a["kappa"] for a in self.audits if a["kappa"] is not None
-                      and (a["step"] == self.step or (earlier and a["step"] == earlier[-1]))]
-            self.kappa = max([kappa, *recent])
-        same_step = [a for a in self.audits if a["step"] == self.step]
-        if amp is not None and (streams > 1 or not self._path):
-            # the calls with jets carry the derivative path; take the worst of the step
-            prev = [a["amplification"] for a in same_step if a["amplification"] is not None
-                    and (a["streams"] > 1 or not self._path)]
-            self.amplification = max([amp, *prev])
-        if noise is not None:
-            prev = [a["noise"] for a in same_step if a["noise"] is not None]
-            self.noise = min([noise, *prev])
-        self.audits.append({"step": self.step, "grad_error": grad_error, "reconstruction_error": recon_error,
-                            "kappa": kappa, "amplification": amp, "noise": noise, "streams": streams,
-                            "rank": self.rank, "bits": self.bits, "was_exact": self.exact})
-        # L-BFGS evaluates a step many times: keep the recent audits only (they travel in run files)
-        del self.audits[:-self._KEEP_AUDITS]
-        self.audit_count += 1
-
     def effective_target(self) -> float:
         """`target`, or for mini-batch training max(target, noise_fraction x measured sampling noise)."""
-        if self.noise_fraction is None or self.noise is None:
-            return self.target
-        return max(self.target, self.noise_fraction * self.noise)
+        return self.control.effective_target()
 
     def path_target(self) -> float | None:
         """The reconstruction error the derivative path allows (None: no path control)."""
-        if not self._path or self.path_gain is None or self.amplification is None:
-            return None
-        return self.effective_target() / (self.path_gain * self.amplification)
+        return self.control.path_target()
 
     def predicted_error(self) -> float | None:
-        """kappa x reconstruction error: the expected relative weight-gradient error (None before calibration)."""
-        if self.kappa is None or self.recon_error is None:
-            return None
-        return self.kappa * self.recon_error
-
-    def _ratio(self) -> float | None:
-        """The worst of predicted error / effective target and reconstruction error / path target."""
-        predicted = self.predicted_error()
-        if predicted is None:
-            return None
-        ratio = predicted / self.effective_target()
-        path = self.path_target()
-        if path is not None:
-            ratio = max(ratio, self.recon_error / path)
-        return ratio
+        """kappa x reconstruction error, worst call class (None before calibration)."""
+        return self.control.predicted_error()
 
     def advance(self) -> None:
         # the one host read of the policy per step: the controller reads the step's measurements
         # here, never inside the forward or backward pass (on CUDA the eigensolver of the basis
         # update also waits for its small result)
         self._resolve_pending()
-        self._fresh = set()
-        if self._controlled and self._rank is not None:
-            self._control()
-        self._step_recon = None
-        self._step_tail = {}
+        # bases of call shapes this step did not use (the point count changed) are dropped
+        self._bases = {k: b for k, b in self._bases.items() if k in self._fresh}
+        self._fresh, self._ordinals, self._backward_seen = set(), {}, False
+        self.control.step = self.step
+        if self._controlled and self.rank is not None:
+            self.control.decide()
+        else:
+            self.control.end_step()
         self._step_measured = set()
         super().advance()
-
-    def _event(self, kind: str, **info) -> None:
-        self.events.append({"step": self.step, "event": kind, "rank": self.rank, "bits": self.bits, **info})
-
-    def _options(self, up: bool, ratio: float) -> list[tuple[str, float, float]]:
-        """Candidate changes (name, predicted ratio, bytes per row and stream saved (< 0: spent))."""
-        w, r, opts = self._width, self._rank, []
-        u_bytes = 2
-        if up:
-            if r < self._r_max:
-                new = min(2 * r, self._r_max)
-                factor = self._step_tail.get("up", 1.0) if new == 2 * r else 1.0
-                opts.append(("grow", ratio * factor, -(new - r) * u_bytes))
-            if self.bits == 4:
-                opts.append(("bits_up", ratio / _INT8_GAIN, -w / 2))
-        else:
-            if r > self._r_min:
-                new = max(self._r_min, r // 2)
-                factor = self._step_tail.get("down", math.inf) if new == r // 2 else math.inf
-                opts.append(("shrink", ratio * factor, (r - new) * u_bytes))
-            if self.bits == 8:
-                opts.append(("bits_down", ratio * _INT8_GAIN, w / 2))
-        return opts
-
-    def _change(self, change: str, ratio: float) -> None:
-        old = self._rank
-        if change == "grow":
-            self._rank = min(2 * old, self._r_max)
-        elif change == "shrink":
-            self._rank = max(self._r_min, old // 2)
-        elif change == "bits_up":
-            self.bits = 8
-            self.recon_error /= _INT8_GAIN
-        elif change == "bits_down":
-            self.bits = 4
-            self.recon_error *= _INT8_GAIN
-        info = {"error": ratio * self.effective_target()}
-        if change in ("grow", "shrink"):
-            info.update(old_rank=old, new_rank=self._rank)
-        self._event(change, **info)
-
-    def _control(self) -> None:
-        ratio = self._ratio()
-        if ratio is None:
-            return
-        if self.exact:
-            # Only an audit (which compressed anyway) can tell that compression works again.
-            if self.audits and self.audits[-1]["step"] == self.step and ratio < 0.5:
-                self.exact, self._stuck = False, 0
-                self._event("resume_compression", predicted=ratio * self.effective_target())
-            return
-        if ratio > 1.0:
-            self._calm = 0
-            opts = self._options(True, ratio)
-            if not opts:
-                self._stuck += 1
-                if self._stuck >= self.patience:
-                    self.exact, self._stuck = True, 0
-                    self._event("fallback_exact", predicted=ratio * self.effective_target())
-                return
-            self._stuck = 0
-            # the best predicted reduction per byte spent, unless a change no dearer is predicted
-            # to reach half the target on its own
-            best = max(opts, key=lambda o: math.log(ratio / max(o[1], 1e-30)) / max(-o[2], 1e-9))
-            enough = [o for o in opts if o[1] <= 0.5 and o[2] >= best[2]]
-            change = max(enough, key=lambda o: o[2])[0] if enough else best[0]
-            self._change(change, ratio)
-        elif ratio < 0.25:
-            self._stuck = 0
-            self._calm += 1
-            if self._calm >= self.patience:
-                safe = [o for o in self._options(False, ratio) if o[1] < 0.5]
-                if safe:
-                    self._change(max(safe, key=lambda o: o[2])[0], ratio)
-                self._calm = 0
-        else:
-            self._calm = self._stuck = 0
 
     @property
     def history(self) -> list[dict]:
@@ -590,18 +519,19 @@ class LowRankStorage(AbstractStorage):
                 "predicted_grad_error": self.predicted_error(), "path_target": self.path_target(),
                 "exact_fallback": self.exact, "audits": self.audit_count, "events": len(self.events)}
 
-    _STATE = ("bits", "value_bits", "exact", "kappa", "amplification", "noise", "recon_error", "sketch_error",
-              "_step_recon", "_step_tail", "_path", "_calm", "_stuck", "_rank", "_width", "audits", "audit_count",
-              "events")
+    _STATE = ("value_bits", "sketch_error")
 
     def get_extra_state(self):
         self._resolve_pending()      # measurements of the current step: the same values, read now
         state = super().get_extra_state()
         # plain values and tensors, so any HDF5/JSON writer can store them
         state["lowrank"] = copy.deepcopy({k: getattr(self, k) for k in self._STATE})
+        state["lowrank"]["control"] = self.control.state_dict()
         state["lowrank"]["_step_measured"] = sorted(list(m) for m in self._step_measured)
         state["lowrank"]["bases"] = {repr(key): b.state() for key, b in self._bases.items()}
         state["lowrank"]["fresh"] = sorted(list(k) for k in self._fresh)
+        state["lowrank"]["ordinals"] = {repr(k): v for k, v in self._ordinals.items()}
+        state["lowrank"]["backward_seen"] = self._backward_seen
         return state
 
     def set_extra_state(self, state):
@@ -610,9 +540,12 @@ class LowRankStorage(AbstractStorage):
         for k, v in saved.items():
             if k in self._STATE:
                 setattr(self, k, v)
+        self.control.load_state_dict(saved["control"])
         self._step_measured = {tuple(m) for m in saved.get("_step_measured", [])}
         self._bases = {ast.literal_eval(key): _Basis.from_state(b) for key, b in saved.get("bases", {}).items()}
         self._fresh = {tuple(k) for k in saved.get("fresh", [])}
+        self._ordinals = {ast.literal_eval(k): v for k, v in saved.get("ordinals", {}).items()}
+        self._backward_seen, self._key = bool(saved.get("backward_seen", False)), None
         self._pending_tails = []
         self._pending_calls, self._pending_audits = [], []
 
@@ -620,10 +553,10 @@ class LowRankStorage(AbstractStorage):
 class _Measure:
     """Device-side sums of squares of one measured call, per stream (S,): read at `advance()`."""
 
-    __slots__ = ("shape", "norm_sq", "low_sq", "err_sq", "recon")
+    __slots__ = ("shape", "path", "norm_sq", "low_sq", "err_sq", "recon")
 
-    def __init__(self, shape, device):
-        self.shape = shape
+    def __init__(self, shape, device, path: bool):
+        self.shape, self.path = shape, path
         self.norm_sq, self.low_sq, self.err_sq = (torch.zeros(shape[0], dtype=torch.float64, device=device)
                                                   for _ in range(3))
         self.recon: float | None = None
@@ -701,7 +634,7 @@ class _LowRankPacking(Packing):
     ReLU's mask bits, the audit sketch; transients are one chunk (see the module docstring)."""
 
     def __init__(self, policy: "LowRankStorage", block, shape, dtype, device, basis: _Basis, r: int,
-                 bits: tuple, measure: bool, audit: bool):
+                 bits: tuple, measure: bool, audit: bool, path: bool):
         s, n, w = shape
         self.policy, self.block, self.shape, self.bits, self.basis = policy, block, shape, bits, basis
         self.r, self.audit, self.fallback = r, audit, policy.exact
@@ -722,7 +655,7 @@ class _LowRankPacking(Packing):
                                torch.empty(g, n, scales, dtype=dtype, device=device)]
             if isinstance(block.activation, ReLU):
                 self.mask = torch.empty(n, -(-w // 8), dtype=torch.uint8, device=device)
-        self.measure = _Measure(shape, device) if measure else None
+        self.measure = _Measure(shape, device, path) if measure else None
         self.y = self.omega = None
         if audit:
             self.omega = make_operator("gaussian", policy.audit_size, w, seed=policy.step_seed("audit"), dtype=dtype,

@@ -205,12 +205,15 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         """Forward of a rows-capable policy: a `Packing` for an input of `shape` (S, N, w)."""
         raise NotImplementedError(f"{type(self).__name__} does not store rows as they come (rows_capable=False)")
 
-    def wants_sample(self, block, streams: int, width: int) -> bool:
-        """Whether `begin` needs `prepare` first, for inputs of `streams` streams and `width` (default: no)."""
+    def wants_sample(self, block, shape: tuple[int, int, int]) -> bool:
+        """Whether `begin` needs `prepare` first, for an input of `shape` (S, N, w) (default: no).
+
+        Called once per forward call, before `prepare` and `begin`."""
         return False
 
-    def prepare(self, z_sample: torch.Tensor, block) -> None:
-        """Learn what `begin` needs from a sample of input rows z_sample (S, m, w) (see `wants_sample`)."""
+    def prepare(self, z_sample: torch.Tensor, block, shape: tuple[int, int, int]) -> None:
+        """Learn what `begin` needs for an input of `shape` (S, N, w) from a sample of its rows
+        z_sample (S, m, w) (see `wants_sample`)."""
 
     def weight_grad(self, grad_z: torch.Tensor, stored: Stored, block) -> torch.Tensor | None:
         """The whole grad_W (out, in) from grad_z (S, N, out), or None to accumulate chunks."""
