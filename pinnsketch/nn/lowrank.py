@@ -139,6 +139,10 @@ class LowRankStorage(AbstractStorage):
         patience: consecutive steps far below target before shrinking, or saturated before
             falling back to exact storage.
         group: quantization scale per `group` columns instead of per row (None).
+        max_ratio: a memory cap: each compressed call stores at most this fraction of its exact
+            bytes (0 < max_ratio <= 1); the controller never grows past it and never falls back
+            to exact storage, so a run's stored activations stay within max_ratio x exact's, and a
+            block that cannot meet its target there says so (event "at_cap"). None: no cap.
     """
 
     name = "lowrank"
@@ -147,7 +151,8 @@ class LowRankStorage(AbstractStorage):
     def __init__(self, target: float = 1e-2, *, rank: int | None = None, residual: str | None = "int4",
                  value_residual: str | None = "int8", adaptive: bool = True, initial_rank: int = 8,
                  r_min: int = 4, r_max: int = 32, audit_every: int = 1, audit_size: int = 8, path_gain: float | None = 16.0,
-                 noise_fraction: float | None = None, patience: int = 3, group: int | None = None):
+                 noise_fraction: float | None = None, patience: int = 3, group: int | None = None,
+                 max_ratio: float | None = None):
         super().__init__()
         self._record_options(locals())
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
@@ -167,6 +172,9 @@ class LowRankStorage(AbstractStorage):
                 raise StorageError(f"{name}={value!r} must be a positive float or None")
         if isinstance(audit_every, bool) or not isinstance(audit_every, int) or audit_every < 0:
             raise StorageError(f"audit_every={audit_every!r} must be an int >= 0 (0 disables audits)")
+        if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
+                                      or not 0 < max_ratio <= 1):
+            raise StorageError(f"max_ratio={max_ratio!r} must be a fraction of exact storage in (0, 1], or None")
         IntCodec(4, group)      # validates `group`
         self.target, self.fixed_rank, self.adaptive = float(target), rank, bool(adaptive)
         self.initial_rank, self.r_min, self.r_max = initial_rank, r_min, r_max
@@ -178,7 +186,10 @@ class LowRankStorage(AbstractStorage):
         # rank, derivative-stream bits, exact fallback and every measurement behind them
         self.control = LowRankController(self.target, rank=rank or initial_rank, bits=_bits(residual), r_min=r_min,
                                          r_max=r_max, patience=patience, path_gain=self.path_gain,
-                                         noise_fraction=self.noise_fraction)
+                                         noise_fraction=self.noise_fraction, max_ratio=max_ratio,
+                                         cost=self._cost)
+        self.max_ratio = max_ratio
+        self._largest: tuple[int, bool, torch.dtype] = (1, True, torch.float32)   # (S, smooth, dtype): most streams
         self.sketch_error: float | None = None       # the low-rank part's own relative error (reports)
         self._step_measured: set = set()             # (S, N) of the calls measured this step
         self._bases: dict[tuple, _Basis] = {}       # call key (S, N, w, ordinal) -> tracked subspace
@@ -243,6 +254,9 @@ class LowRankStorage(AbstractStorage):
         """First call: bounds from the block's width (the rows of a call vary: clamped per call)."""
         if self._controlled:
             self.control.start(w)
+            c = self.control
+            while self.max_ratio is not None and c.rank > c.lo and self._cost(c.rank, c.bits) > self.max_ratio:
+                c.rank //= 2            # the starting rank fits the cap
             return
         r = self.fixed_rank if self.fixed_rank is not None else self.initial_rank
         if r > w:
@@ -257,22 +271,34 @@ class LowRankStorage(AbstractStorage):
             return self.step == self.layer
         return self.step % self.audit_every == 0 and (self.step // self.audit_every) % self.n_layers == self.layer
 
-    def _stream_bits(self, stream: int, streams: int, smooth: bool) -> int | None:
+    def _note_call(self, s: int, smooth: bool, dtype: torch.dtype) -> None:
+        if s >= self._largest[0]:
+            self._largest = (s, smooth, dtype)
+
+    def _cost(self, rank: int, bits: int | None) -> float:
+        """Stored bytes / exact bytes of the block's largest call class at (rank, bits), per row."""
+        s, smooth, dtype = self._largest
+        w, n = self.control.width or 1, 1 << 16
+        return self._compressed_bytes(s, n, w, min(rank, w), dtype, smooth, bits) / self._exact_bytes(s, n, w, dtype)
+
+    def _stream_bits(self, stream: int, streams: int, smooth: bool, bits: int | None = -1) -> int | None:
         # The value stream's finer codes protect the derivative path of a jet through a smooth
         # activation (f'' and f''' of z_0 multiply the large derivative streams); without
         # derivative streams, or through ReLU (exact mask), it is coded like the others.
+        bits = self.bits if bits == -1 else bits
         if stream == 0 and streams > 1 and smooth:
-            return None if self.value_bits is None else max(self.value_bits, self.bits or 0)
-        return self.bits
+            return None if self.value_bits is None else max(self.value_bits, bits or 0)
+        return bits
 
     def _codec(self, bits: int | None) -> IntCodec | None:
         return None if bits is None else IntCodec(bits, self.group)
 
-    def _compressed_bytes(self, s: int, n: int, w: int, r: int, dtype: torch.dtype, smooth: bool = True) -> int:
+    def _compressed_bytes(self, s: int, n: int, w: int, r: int, dtype: torch.dtype, smooth: bool = True,
+                          bits: int | None = -1) -> int:
         size = torch.finfo(dtype).bits // 8
         total = 0
         for i in range(s):
-            codec = self._codec(self._stream_bits(i, s, smooth))
+            codec = self._codec(self._stream_bits(i, s, smooth, bits))
             u_bytes = 2 if codec is not None and dtype == torch.float32 else size
             total += n * r * u_bytes + w * r * size
             total += 0 if codec is None else codec.nbytes((n, w), dtype)
@@ -335,6 +361,7 @@ class LowRankStorage(AbstractStorage):
             raise StorageError(f"layer {self.layer}: prepare for shape {tuple(shape)} without wants_sample first; "
                                "call wants_sample(block, shape) once per forward call, then prepare")
         s, _, w = z_sample.shape
+        self._note_call(s, not block.piecewise_linear, z_sample.dtype)
         if self.rank is None:
             check_finite_activation(z_sample, self.layer, self.name)       # once, before any basis exists
             self._start(w)
@@ -368,6 +395,7 @@ class LowRankStorage(AbstractStorage):
         why = self._stores_exactly(s, n, w, dtype, smooth)
         if why is not None:
             return _ExactRows(self, shape, dtype, device, why)
+        self._note_call(s, smooth, dtype)
         if self.rank is None:
             self._start(w)
         audit = self._is_audit()

@@ -30,7 +30,10 @@ rank that no error needs.
 Decisions (`decide`): ratio > 1: of "double the rank" and "int4 -> int8" the
 change with the best predicted reduction per stored byte (a change no dearer
 that is predicted to reach half the target wins); with neither available for
-`patience` steps, exact fallback. ratio < 1/4 for `patience` steps: the change
+`patience` steps, exact fallback. With a byte cap (`max_ratio`: stored bytes at
+most that fraction of exact storage, `cost(rank, bits)` telling a configuration's
+fraction) no change may cross the cap and there is no fallback: the block stays
+at the cap, misses its target, and says so once (event "at_cap"). ratio < 1/4 for `patience` steps: the change
 that saves the most bytes while predicted to stay below 1/2. In fallback, an
 audit predicting below 1/2 resumes compression. Every change is an event
 (`events`), for run files and plots.
@@ -58,13 +61,20 @@ class LowRankController:
         patience: consecutive steps far below target before shrinking, or saturated before falling back.
         path_gain: derivative-path classes hold recon below target / (path_gain A); None disables.
         noise_fraction: mini-batch training: the target becomes max(target, noise_fraction x noise).
+        max_ratio: cap on the stored bytes as a fraction of exact storage (None: no cap; exact
+            fallback allowed); needs `cost`.
+        cost: (rank, bits) -> stored bytes / exact bytes of the block's largest call class.
     """
 
     KEEP_AUDITS = 64
 
     def __init__(self, target: float, *, rank: int, bits: int | None, r_min: int, r_max: int, patience: int,
-                 path_gain: float | None, noise_fraction: float | None):
+                 path_gain: float | None, noise_fraction: float | None, max_ratio: float | None = None,
+                 cost=None):
+        if max_ratio is not None and cost is None:
+            raise ValueError("max_ratio needs cost(rank, bits) -> stored fraction of exact bytes")
         self.target, self.r_min, self.r_max = float(target), r_min, r_max
+        self.max_ratio, self.cost = max_ratio, cost
         self.patience, self.path_gain, self.noise_fraction = patience, path_gain, noise_fraction
         self.rank, self.bits, self.exact = rank, bits, False
         self.width: int | None = None
@@ -80,6 +90,7 @@ class LowRankController:
         self.step = 0
         self._seen: set[int] = set()               # classes measured in the current step
         self._calm = self._stuck = 0
+        self._capped = False                       # at the byte cap with the target missed
 
     # -- bounds --------------------------------------------------------------------------
     def start(self, width: int) -> None:
@@ -201,11 +212,15 @@ class LowRankController:
             options = self._options(ratios, up=True)
             if not options:
                 self._stuck += 1
-                if self._stuck >= self.patience:
+                if self.max_ratio is not None:
+                    if not self._capped:
+                        self._capped = True
+                        self._event("at_cap", predicted=ratio * self.effective_target(), max_ratio=self.max_ratio)
+                elif self._stuck >= self.patience:
                     self.exact, self._stuck = True, 0
                     self._event("fallback_exact", predicted=ratio * self.effective_target())
                 return
-            self._stuck = 0
+            self._stuck, self._capped = 0, False
             # the best predicted reduction per byte spent, unless a change no dearer is predicted
             # to reach half the target on its own
             best = max(options, key=lambda o: math.log(ratio / max(o[1], 1e-30)) / max(-o[2], 1e-9))
@@ -236,6 +251,9 @@ class LowRankController:
                                 -(new - r) * u_bytes))
             if self.bits == 4:
                 options.append(("bits_up", max(ratios.values()) / INT8_GAIN, -w / 2))
+            if self.max_ratio is not None:
+                new = {"grow": (min(2 * r, self.hi), self.bits), "bits_up": (r, 8)}
+                options = [o for o in options if self.cost(*new[o[0]]) <= self.max_ratio]
         else:
             if r > self.lo:
                 new = max(self.lo, r // 2)
@@ -265,7 +283,7 @@ class LowRankController:
 
     # -- checkpoints ---------------------------------------------------------------------------
     _STATE = ("rank", "bits", "exact", "width", "noise", "recon", "kappa", "amplification", "path", "tails",
-              "events", "audits", "audit_count", "step", "_seen", "_calm", "_stuck")
+              "events", "audits", "audit_count", "step", "_seen", "_calm", "_stuck", "_capped")
 
     def state_dict(self) -> dict:
         """Plain values (class keys as strings, sets as sorted lists) for HDF5/JSON writers."""

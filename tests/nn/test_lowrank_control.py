@@ -131,3 +131,44 @@ def test_jet_call_is_on_the_path_and_value_call_is_not():
         model.advance()
     control = model.storages[1].control
     assert control.path == {3} and set(control.recon) == {1, 3}
+
+
+def test_byte_cap_filters_changes_and_replaces_fallback():
+    """With max_ratio, no change may cross the cap; a saturated block stays compressed and says so once."""
+    cost = lambda rank, bits: rank / 64 + (0.25 if bits == 8 else 0.125)      # noqa: E731
+    c = controller(rank=8, max_ratio=0.3, cost=cost)
+    for _ in range(4):
+        step(c, [(1, 1.0, False)], audits=[(1, 1.0, 1.0, 0.1)], tails={1: {"up": 0.5}})
+    # 8 -> 16 costs 0.375 > 0.3 and int8 at rank 8 costs 0.375: nothing fits
+    assert c.rank == 8 and c.bits == 4 and not c.exact
+    assert [e["event"] for e in c.events] == ["at_cap"]
+    c = controller(rank=4, max_ratio=0.3, cost=cost)
+    step(c, [(1, 1.0, False)], audits=[(1, 1.0, 1.0, 0.1)], tails={1: {"up": 0.5}})
+    assert c.rank == 8                       # 0.25 fits
+
+
+def test_capped_policy_never_stores_more_than_its_cap():
+    from pinnsketch.nn import MemoryMeter
+
+    x = torch.rand(400, 2, dtype=torch.float64)
+    spec = JetSpec.from_names(["x", "xx"], ("x", "t"))
+    capped = MLP(2, 1, width=32, depth=3, dtype=torch.float64, seed=3,
+                 storage=LowRankStorage(target=1e-12, initial_rank=16, r_max=32, max_ratio=0.5))
+    exact = MLP(2, 1, width=32, depth=3, dtype=torch.float64, seed=3)
+
+    def saved(model):
+        with MemoryMeter() as meter:
+            model.jet(x, spec).d(spec.indices[-1]).square().sum().backward()
+        model.advance()
+        return meter.peak_bytes
+
+    reference = saved(exact)
+    peaks = [saved(capped) for _ in range(10)]
+    hidden = capped.storages[1:]
+    assert not any(s.exact for s in hidden)
+    # the first hidden block's input is affine in x (rank 3): it meets any target; the others hit the cap
+    assert all(any(e["event"] == "at_cap" for e in s.events) for s in hidden[1:])
+    assert all(s._cost(s.rank, s.bits) <= 0.5 for s in hidden)
+    assert max(peaks) < 0.6 * reference     # the narrow input block (exact) adds a little
+    with pytest.raises(ValueError, match="max_ratio=1.5"):
+        LowRankStorage(max_ratio=1.5)
