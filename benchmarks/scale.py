@@ -18,15 +18,20 @@ of the same depth, as DeepXDE's pytorch backend has no residual network), and pi
 `exact`, `checkpoint` and `lowrank` storage.
 
 Part 2, accuracy at the budget (`--accuracy`). The library's Helmholtz problem on the unit square
-(`--accuracy-periods` periods per direction, default 2: k = 4 pi; exact solution), sin network
-64x4, where more collocation points give a better solution. For a budget of the step's
-live tensor bytes (`--accuracy-budget`, allocator meter, in process), the largest N under
-`exact` and under `lowrank` (bisection as above), then a full-batch run at each maximum (Adam,
-then L-BFGS) and its relative L2 error against the exact solution.
+(`--accuracy-periods` periods per direction, default 4: k = 8 pi; exact solution), sin network
+64x4: with few points per period, more collocation points give a better solution. For a budget of
+the step's live tensor bytes (`--accuracy-budget`, default 8 MiB, allocator meter, in process), the
+largest N under `exact` and under `lowrank` (bisection as above; an attempt is a short run with
+every step metered, so the controller's first decisions count), then a full-batch run at each
+maximum (Adam, then L-BFGS), its relative L2 error against the exact solution and the largest step
+peak metered during the run (`within_budget`). `lowrank` runs with a byte cap
+(`--accuracy-lowrank`, default `lowrank:max_ratio=0.3`), so that later rank growth cannot leave the
+budget. A third run, `exact` at `lowrank`'s N (over the budget), separates the points' effect from
+the compression's.
 
     python benchmarks/scale.py                                   # 2 GiB, both workloads, all systems
     python benchmarks/scale.py --budget 512MiB --workloads mlp   # a quicker look
-    python benchmarks/scale.py --accuracy-only --accuracy-budget 32MiB
+    python benchmarks/scale.py --accuracy-only                   # 8 MiB, Helmholtz k = 8 pi
     python benchmarks/scale.py --at 32768 --workloads mlp        # every system at one size, no search
 
 Writes results/scale.json (records: workload, storage, budget_bytes, max_points,
@@ -247,7 +252,9 @@ def at_points(args, save=lambda records: None) -> list[dict]:
 # -- accuracy at a fixed budget ----------------------------------------------------------------
 def accuracy(args) -> list[dict]:
     import pinnsketch as ps
+    from pinnsketch.nn import make_storage
     from pinnsketch.problems.helmholtz import Helmholtz
+    from pinnsketch.data.bench import parse_storage
 
     class PeriodsHelmholtz(Helmholtz):
         """The library's Helmholtz with `--accuracy-periods` periods per direction (k = 2 pi periods)."""
@@ -257,30 +264,44 @@ def accuracy(args) -> list[dict]:
 
     problem = PeriodsHelmholtz()
     network = ps.Network(width=64, depth=4, activation="sin")
+    policies = {"exact": "exact", "lowrank": args.accuracy_lowrank}
 
-    def peak_at(storage: str, n: int) -> int:
-        """The step peak solve() meters (first Adam step: live tensor bytes above its start) at n points."""
-        result = ps.solve(problem, storage=storage, network=network, points=ps.Points(domain=n, boundary=0, initial=0),
-                          adam=ps.Adam(steps=2), lbfgs=ps.LBFGS(steps=0), seed=0, device="cpu", progress=False)
-        return result.step_peak_bytes
+    def storage(system: str):
+        spec = policies[system]
+        return make_storage(spec) if ":" not in spec else parse_storage(spec, defaults={})
 
+    def solve(system: str, n: int, adam: int, lbfgs: int, eval_every: int):
+        return ps.solve(problem, storage=storage(system), network=network,
+                        points=ps.Points(domain=n, boundary=0, initial=0), adam=ps.Adam(steps=adam),
+                        lbfgs=ps.LBFGS(steps=lbfgs), seed=0, device="cpu", progress=False, eval_every=eval_every)
+
+    def peak_at(system: str, n: int) -> int:
+        """The largest step peak solve() meters over a short run at n points (every step metered):
+        the controller's first decisions included, not only the first step."""
+        return solve(system, n, args.accuracy_probe_steps, 2, eval_every=1).step_peak_bytes
+
+    found = {}
+    for system in ("exact", "lowrank"):
+        found[system], _ = largest_fit(
+            lambda n: ((p := peak_at(system, n)) <= args.accuracy_budget, {"peak_bytes": p}), start=256, tol=0.05)
+        print(f"  accuracy {system:8s} largest N within the budget: {found[system]}", flush=True)
+    # exact at lowrank's N, over the budget: whether the extra points (not the compression) make the difference
+    runs = [("exact", found["exact"], True), ("lowrank", found["lowrank"], True), ("exact", found["lowrank"], False)]
     records = []
-    for storage in ("exact", "lowrank"):
-        n, _ = largest_fit(lambda n: ((p := peak_at(storage, n)) <= args.accuracy_budget, {"peak_bytes": p}),
-                           start=256, tol=0.05)
+    for system, n, at_max in runs:
         t0 = time.perf_counter()
-        result = ps.solve(problem, storage=storage, network=network,
-                          points=ps.Points(domain=n, boundary=0, initial=0),
-                          adam=ps.Adam(steps=args.accuracy_adam), lbfgs=ps.LBFGS(steps=args.accuracy_lbfgs),
-                          seed=0, device="cpu", progress=False)
-        records.append({"workload": f"{problem.name}_sin64x4", "storage": storage,
+        result = solve(system, n, args.accuracy_adam, args.accuracy_lbfgs, eval_every=args.accuracy_eval_every)
+        records.append({"workload": f"{problem.name}_sin64x4", "storage": system, "storage_spec": policies[system],
                         "budget_bytes": args.accuracy_budget, "meter": "allocator", "max_points": n,
-                        "peak_bytes_at_max": result.step_peak_bytes,
+                        "at_own_maximum": at_max, "peak_bytes_at_max": result.step_peak_bytes,
+                        "within_budget": result.step_peak_bytes <= args.accuracy_budget,
                         "l2_relative_error": result.l2_relative_error,
                         "adam_steps": args.accuracy_adam, "lbfgs_steps": args.accuracy_lbfgs,
+                        "lbfgs_iterations": result.timing.get("lbfgs_steps"),
                         "train_seconds": time.perf_counter() - t0,
                         "step_time_s": result.timing.get("adam_ms_per_step", math.nan) / 1e3})
-        print(f"  accuracy {storage:8s} N={n:6d}  L2 {result.l2_relative_error:.3e}", flush=True)
+        print(f"  accuracy {system:8s} N={n:6d}  L2 {result.l2_relative_error:.3e}  "
+              f"peak {result.step_peak_bytes / 2**20:.1f} MiB", flush=True)
     for r in records:
         r["ratio_to_exact"] = r["max_points"] / records[0]["max_points"]
     return records
@@ -300,10 +321,16 @@ def main(argv=None) -> int:
                    help="no search: measure every system at these point counts")
     p.add_argument("--accuracy", action="store_true", help="also run the accuracy-at-budget part")
     p.add_argument("--accuracy-only", action="store_true")
-    p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("32MiB"))
-    p.add_argument("--accuracy-periods", type=int, default=2, help="Helmholtz periods per direction")
-    p.add_argument("--accuracy-adam", type=int, default=3000)
-    p.add_argument("--accuracy-lbfgs", type=int, default=1000)
+    p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("8MiB"))
+    p.add_argument("--accuracy-periods", type=int, default=4, help="Helmholtz periods per direction")
+    p.add_argument("--accuracy-adam", type=int, default=2000)
+    p.add_argument("--accuracy-lbfgs", type=int, default=500)
+    p.add_argument("--accuracy-lowrank", default="lowrank:max_ratio=0.3",
+                   help="the lowrank policy of the accuracy part (a cap keeps it within the budget)")
+    p.add_argument("--accuracy-probe-steps", type=int, default=20,
+                   help="Adam steps (each metered) of a bisection attempt")
+    p.add_argument("--accuracy-eval-every", type=int, default=100,
+                   help="steps between evaluations (and metered steps) of the accuracy runs")
     p.add_argument("--json", type=Path, default=HERE / "results" / "scale.json")
     p.add_argument("--attempt", nargs=3, metavar=("WORKLOAD", "SYSTEM", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -88,7 +88,7 @@ import math
 import torch
 
 
-from ..sketch import make_operator
+from ..sketch import TrackedSubspace, make_operator
 from .activations import Identity, ReLU
 from .codecs import IntCodec, pack_mask, unpack_mask
 from .lowrank_control import LowRankController
@@ -192,7 +192,7 @@ class LowRankStorage(AbstractStorage):
         self._largest: tuple[int, bool, torch.dtype] = (1, True, torch.float32)   # (S, smooth, dtype): most streams
         self.sketch_error: float | None = None       # the low-rank part's own relative error (reports)
         self._step_measured: set = set()             # (S, N) of the calls measured this step
-        self._bases: dict[tuple, _Basis] = {}       # call key (S, N, w, ordinal) -> tracked subspace
+        self._bases: dict[tuple, TrackedSubspace] = {}       # call key (S, N, w, ordinal) -> tracked subspace
         self._fresh: set = set()                    # call keys whose basis is this step's
         self._ordinals: dict[tuple, int] = {}       # calls of each shape in the current loss evaluation
         self._backward_seen = False                 # a backward ran since the last forward call
@@ -368,10 +368,9 @@ class LowRankStorage(AbstractStorage):
         gram = z_sample.mT @ z_sample                                           # (S, w, w)
         basis = self._bases.get(key)
         if basis is None:
-            self._bases[key] = basis = _Basis.from_gram(gram, self._basis_size(w))
+            self._bases[key] = basis = TrackedSubspace.from_gram(gram, self._basis_size(w))
         else:
-            basis.gram = gram
-            basis.update(self._basis_size(w))
+            basis.update(gram, self._basis_size(w))
         self._fresh.add(key)
         self._pending_tails.append((s, *basis.tail_factors(min(self.rank, basis.q.shape[-1]))))
 
@@ -570,7 +569,7 @@ class LowRankStorage(AbstractStorage):
                 setattr(self, k, v)
         self.control.load_state_dict(saved["control"])
         self._step_measured = {tuple(m) for m in saved.get("_step_measured", [])}
-        self._bases = {ast.literal_eval(key): _Basis.from_state(b) for key, b in saved.get("bases", {}).items()}
+        self._bases = {ast.literal_eval(key): TrackedSubspace.from_state(b) for key, b in saved.get("bases", {}).items()}
         self._fresh = {tuple(k) for k in saved.get("fresh", [])}
         self._ordinals = {ast.literal_eval(k): v for k, v in saved.get("ordinals", {}).items()}
         self._backward_seen, self._key = bool(saved.get("backward_seen", False)), None
@@ -590,66 +589,6 @@ class _Measure:
         self.recon: float | None = None
 
 
-class _Basis:
-    """The tracked top right-singular subspace of one call shape (S streams, width w).
-
-    q (S, w, k): orthonormal columns ordered by decreasing energy; it encodes the step's
-    calls. gram (S, w, w): the Gram matrix z^T z of the step's row sample; `update` turns
-    it into the new q by one subspace iteration with Rayleigh-Ritz (Halko, Martinsson &
-    Tropp 2011, Alg. 4.3 with q = 1, warm-started from the previous basis), or by a full
-    eigendecomposition when the subspace is a large part of the width or changes size.
-    """
-
-    def __init__(self, q: torch.Tensor, evals: torch.Tensor, energy: torch.Tensor):
-        self.q, self.evals, self.energy = q, evals, energy
-        self.gram: torch.Tensor | None = None
-
-    @staticmethod
-    def from_gram(gram: torch.Tensor, k: int) -> "_Basis":
-        g = gram.to(torch.float64)
-        evals, evecs = torch.linalg.eigh(g)                                  # ascending
-        return _Basis(evecs.flip(-1)[..., :k].to(gram.dtype).contiguous(), evals.flip(-1)[..., :k].clamp_min(0),
-                      g.diagonal(dim1=-2, dim2=-1).sum(-1))
-
-    def update(self, k: int) -> None:
-        g, self.gram = self.gram.to(torch.float64), None
-        w = g.shape[-1]
-        if 4 * k >= w or k != self.q.shape[-1]:
-            fresh = _Basis.from_gram(g, k)
-            self.q, self.evals, self.energy = fresh.q.to(self.q.dtype), fresh.evals, fresh.energy
-            return
-        y = g @ self.q.to(torch.float64)                                     # (S, w, k)
-        q, _ = torch.linalg.qr(y)
-        evals, v = torch.linalg.eigh(q.mT @ g @ q)                           # (S, k, k), ascending
-        self.q = (q @ v.flip(-1)).to(self.q.dtype).contiguous()
-        self.evals = evals.flip(-1).clamp_min(0)
-        self.energy = g.diagonal(dim1=-2, dim2=-1).sum(-1)
-
-    def tail_factors(self, r: int) -> tuple[list[str], torch.Tensor | None]:
-        """How the residual norm would change at rank 2r ("up") and r/2 ("down"), worst stream:
-        (names, device tensor of one factor per name), or ([], None) when the subspace cannot tell."""
-        k = self.evals.shape[-1]
-        names = [name for name, ok in (("up", 2 * r <= k), ("down", r // 2 >= 1)) if ok]
-        if r > k or not names:
-            return [], None
-        cols = [r - 1] + [2 * r - 1 if name == "up" else r // 2 - 1 for name in names]
-        captured = self.evals.cumsum(-1)[..., cols]                         # (S, 1 + len(names))
-        tails = (self.energy[:, None] - captured).clamp_min(0).sqrt()
-        floor = 1e-30 * self.energy.max().clamp_min(1e-30).sqrt()
-        base = torch.maximum(tails[:, 0], floor)
-        return names, (tails[:, 1:] / base[:, None]).amax(dim=0)
-
-    def state(self) -> dict:
-        return {"q": self.q.clone(), "evals": self.evals.clone(), "energy": self.energy.clone(),
-                "gram": None if self.gram is None else self.gram.clone()}
-
-    @staticmethod
-    def from_state(state: dict) -> "_Basis":
-        b = _Basis(state["q"].clone(), state["evals"].clone(), state["energy"].clone())
-        b.gram = None if state["gram"] is None else state["gram"].clone()
-        return b
-
-
 class _ExactRows(_ExactPacking):
     """lowrank storing a call exactly (narrow, no saving, fallback): z_prev's chunks themselves."""
 
@@ -661,7 +600,7 @@ class _LowRankPacking(Packing):
     """One call of `lowrank`, encoded chunk by chunk: U (S, N, r), codes and scales per stream group,
     ReLU's mask bits, the audit sketch; transients are one chunk (see the module docstring)."""
 
-    def __init__(self, policy: "LowRankStorage", block, shape, dtype, device, basis: _Basis, r: int,
+    def __init__(self, policy: "LowRankStorage", block, shape, dtype, device, basis: TrackedSubspace, r: int,
                  bits: tuple, measure: bool, audit: bool, path: bool):
         s, n, w = shape
         self.policy, self.block, self.shape, self.bits, self.basis = policy, block, shape, bits, basis

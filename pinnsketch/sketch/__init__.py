@@ -2,7 +2,7 @@
 
 Test operators with E[S^T S] = I, the streaming three-sketch of Tropp et al.
 (2019) with a-posteriori error estimates, low-rank factors, rank controllers,
-and the randomized range finder / SVD.
+the randomized range finder / SVD, and a subspace tracked through Gram matrices.
 """
 
 from .factors import LowRankFactors
@@ -17,6 +17,7 @@ from .operators import (
 from .randomized import randomized_range_finder, randomized_svd
 from .rank import AbstractRankController, AdaptiveRank, FixedRank
 from .seeding import derive_seed, make_generator
+from .subspace import TrackedSubspace
 from .three_sketch import SIZINGS, ThreeSketch, sketch_sizes
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "AdaptiveRank",
     "randomized_range_finder",
     "randomized_svd",
+    "TrackedSubspace",
     "derive_seed",
     "make_generator",
 ]
