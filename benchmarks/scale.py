@@ -17,21 +17,23 @@ blocks). Systems: `deepxde` (its own API: nested autograd through `dde.nn.FNN`; 
 of the same depth, as DeepXDE's pytorch backend has no residual network), and pinnsketch's
 `exact`, `checkpoint` and `lowrank` storage.
 
-Part 2, accuracy at the budget (`--accuracy`). The library's Helmholtz problem on the unit square
-(`--accuracy-periods` periods per direction, default 4: k = 8 pi; exact solution), sin network
-64x4: with few points per period, more collocation points give a better solution. For a budget of
-the step's live tensor bytes (`--accuracy-budget`, default 8 MiB, allocator meter, in process), the
-largest N under `exact` and under `lowrank` (bisection as above; an attempt is a short run with
-every step metered, so the controller's first decisions count), then a full-batch run at each
-maximum (Adam, then L-BFGS), its relative L2 error against the exact solution and the largest step
-peak metered during the run (`within_budget`). `lowrank` runs with a byte cap
-(`--accuracy-lowrank`, default `lowrank:max_ratio=0.3`), so that later rank growth cannot leave the
-budget. A third run, `exact` at `lowrank`'s N (over the budget), separates the points' effect from
-the compression's.
+Part 2, accuracy at the budget (`--accuracy`). A problem where more collocation points give a better
+solution: by default (`--accuracy-problem peak`) Poisson on the unit square whose exact solution is
+a Gaussian peak of width sigma = 0.04 (`--accuracy-sigma`) at (0.4, 0.6), tanh network 64x4: the
+error is made where the peak is, and only the points that land there (about 2 % of them) resolve
+it; or the library's Helmholtz (`--accuracy-problem helmholtz`, sin 64x4). For a budget of the
+step's live tensor bytes (`--accuracy-budget`, default 32 MiB, allocator meter, in process; it must
+be large against the CPU's 2 MiB row chunks, whose transients every policy pays), the largest N
+under `exact` and under `lowrank` (bisection as above; an attempt is a short run with every step
+metered, so the controller's first decisions count), then a full-batch run at each maximum (Adam,
+then L-BFGS), its relative L2 error against the exact solution and the largest step peak metered
+during the run (`within_budget`). `lowrank` runs with a byte cap (`--accuracy-lowrank`, default
+`lowrank:max_ratio=0.3`), so that later rank growth cannot leave the budget. A third run, `exact`
+at `lowrank`'s N (over the budget), separates the points' effect from the compression's.
 
     python benchmarks/scale.py                                   # 2 GiB, both workloads, all systems
     python benchmarks/scale.py --budget 512MiB --workloads mlp   # a quicker look
-    python benchmarks/scale.py --accuracy-only                   # 8 MiB, Helmholtz k = 8 pi
+    python benchmarks/scale.py --accuracy-only                   # 32 MiB, the Gaussian peak
     python benchmarks/scale.py --at 32768 --workloads mlp        # every system at one size, no search
 
 Writes results/scale.json (records: workload, storage, budget_bytes, max_points,
@@ -250,20 +252,57 @@ def at_points(args, save=lambda records: None) -> list[dict]:
 
 
 # -- accuracy at a fixed budget ----------------------------------------------------------------
+def accuracy_problem(args):
+    """The accuracy part's problem: "peak" (a sharp Gaussian source, where the points that land in the
+    peak decide the error) or "helmholtz" (the library's, `--accuracy-periods` periods per direction)."""
+    import pinnsketch as ps
+    from pinnsketch.problems.helmholtz import Helmholtz
+
+    if args.accuracy_problem == "helmholtz":
+        class PeriodsHelmholtz(Helmholtz):
+            """The library's Helmholtz with `--accuracy-periods` periods per direction (k = 2 pi periods)."""
+
+            name = f"helmholtz_{args.accuracy_periods}periods"
+            k = 2 * math.pi * args.accuracy_periods
+
+        return PeriodsHelmholtz(), ps.Network(width=64, depth=4, activation="sin")
+
+    sigma, center = args.accuracy_sigma, (0.4, 0.6)
+
+    class SharpPeak(ps.Problem):
+        """-(u_xx + u_yy) = f on [0, 1]^2, u = 0 on the walls (hard constraint), with the exact solution
+        u = exp(-r^2 / (2 sigma^2)), r the distance to (0.4, 0.6): f = u (2 / sigma^2 - r^2 / sigma^4).
+        The residual is scaled by sigma^2 / 2, so that it is O(1). u on the walls is below 1e-30."""
+
+        name = f"poisson_peak_sigma{sigma:g}"
+        domain = ps.geometry.Rectangle((0, 0), (1, 1))
+        conditions = ()
+
+        def _u(self, x):
+            r2 = (x[:, 0] - center[0]) ** 2 + (x[:, 1] - center[1]) ** 2
+            return torch.exp(-r2 / (2 * sigma**2)), r2
+
+        def residual(self, x, u):
+            exact, r2 = self._u(x)
+            source = exact * (2 / sigma**2 - r2 / sigma**4)
+            return (sigma**2 / 2) * (-u.xx - u.yy - source)
+
+        def output_transform(self, x, u):
+            a, b = x[:, 0:1], x[:, 1:2]
+            return 16 * a * (1 - a) * b * (1 - b) * u
+
+        def exact(self, x):
+            return self._u(x)[0][:, None]
+
+    return SharpPeak(), ps.Network(width=64, depth=4, activation="tanh")
+
+
 def accuracy(args) -> list[dict]:
     import pinnsketch as ps
-    from pinnsketch.nn import make_storage
-    from pinnsketch.problems.helmholtz import Helmholtz
     from pinnsketch.data.bench import parse_storage
+    from pinnsketch.nn import make_storage
 
-    class PeriodsHelmholtz(Helmholtz):
-        """The library's Helmholtz with `--accuracy-periods` periods per direction (k = 2 pi periods)."""
-
-        name = f"helmholtz_{args.accuracy_periods}periods"
-        k = 2 * math.pi * args.accuracy_periods
-
-    problem = PeriodsHelmholtz()
-    network = ps.Network(width=64, depth=4, activation="sin")
+    problem, network = accuracy_problem(args)
     policies = {"exact": "exact", "lowrank": args.accuracy_lowrank}
 
     def storage(system: str):
@@ -291,7 +330,8 @@ def accuracy(args) -> list[dict]:
     for system, n, at_max in runs:
         t0 = time.perf_counter()
         result = solve(system, n, args.accuracy_adam, args.accuracy_lbfgs, eval_every=args.accuracy_eval_every)
-        records.append({"workload": f"{problem.name}_sin64x4", "storage": system, "storage_spec": policies[system],
+        records.append({"workload": f"{problem.name}_{network.activation}{network.width}x{network.depth}",
+                        "storage": system, "storage_spec": policies[system],
                         "budget_bytes": args.accuracy_budget, "meter": "allocator", "max_points": n,
                         "at_own_maximum": at_max, "peak_bytes_at_max": result.step_peak_bytes,
                         "within_budget": result.step_peak_bytes <= args.accuracy_budget,
@@ -321,8 +361,10 @@ def main(argv=None) -> int:
                    help="no search: measure every system at these point counts")
     p.add_argument("--accuracy", action="store_true", help="also run the accuracy-at-budget part")
     p.add_argument("--accuracy-only", action="store_true")
-    p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("8MiB"))
-    p.add_argument("--accuracy-periods", type=int, default=4, help="Helmholtz periods per direction")
+    p.add_argument("--accuracy-budget", type=parse_bytes, default=parse_bytes("32MiB"))
+    p.add_argument("--accuracy-problem", choices=("peak", "helmholtz"), default="peak")
+    p.add_argument("--accuracy-sigma", type=float, default=0.04, help="width of the peak problem's Gaussian")
+    p.add_argument("--accuracy-periods", type=int, default=2, help="Helmholtz periods per direction")
     p.add_argument("--accuracy-adam", type=int, default=2000)
     p.add_argument("--accuracy-lbfgs", type=int, default=500)
     p.add_argument("--accuracy-lowrank", default="lowrank:max_ratio=0.3",
