@@ -91,6 +91,7 @@ import torch
 from ..sketch import TrackedSubspace, make_operator
 from .activations import Identity, ReLU
 from .codecs import IntCodec, pack_mask, unpack_mask
+from .collective import agree, distributed_active
 from .lowrank_control import LowRankController
 from .storage import (AbstractStorage, Packing, Stored, StorageError, _ExactPacking, check_finite_activation,
                       stored_bytes)
@@ -525,6 +526,8 @@ class LowRankStorage(AbstractStorage):
         self._bases = {k: b for k, b in self._bases.items() if k in self._fresh}
         self._fresh, self._ordinals, self._backward_seen = set(), {}, False
         self.control.step = self.step
+        if distributed_active():
+            self.control.agree(agree)       # every process decides alike (multi-process training)
         if self._controlled and self.rank is not None:
             self.control.decide()
         else:

@@ -186,6 +186,31 @@ class LowRankController:
         ratios = self.class_ratios()
         return max(ratios.values()) if ratios else None
 
+    # -- multi-process training ------------------------------------------------------------
+    def agree(self, reduce) -> None:
+        """Replace this step's figures by the worst over all processes, so that every process
+        decides alike: `reduce(values, lowest) -> values` takes the largest of each value over
+        the processes (the smallest where `lowest`; None: not measured), e.g. `nn.collective.agree`.
+        Two calls: the number of call classes, then every class's figures and the noise."""
+        top = int(reduce([float(max([*self.recon, *self.kappa, *self.tails], default=0))])[0] or 0)
+        classes = range(1, top + 1)
+        values = []
+        for c in classes:
+            tails = self.tails.get(c, {})
+            values += [self.recon.get(c), self.kappa.get(c), self.amplification.get(c), tails.get("up"),
+                       tails.get("down"), 1.0 if c in self.path else None]
+        values = reduce(values + [self.noise], [False] * len(values) + [True])
+        for i, c in enumerate(classes):
+            recon, kappa, amp, up, down, path = values[6 * i:6 * i + 6]
+            for table, v in ((self.recon, recon), (self.kappa, kappa), (self.amplification, amp)):
+                if v is not None:
+                    table[c] = v
+            if up is not None or down is not None:
+                self.tails[c] = {k: v for k, v in (("up", up), ("down", down)) if v is not None}
+            if path is not None:
+                self.path.add(c)
+        self.noise = values[-1]
+
     # -- decisions -------------------------------------------------------------------------
     def decide(self) -> None:
         """The end of the step: change rank, bits or fallback from the step's measurements."""

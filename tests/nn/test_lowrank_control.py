@@ -172,3 +172,37 @@ def test_capped_policy_never_stores_more_than_its_cap():
     assert max(peaks) < 0.6 * reference     # the narrow input block (exact) adds a little
     with pytest.raises(ValueError, match="max_ratio=1.5"):
         LowRankStorage(max_ratio=1.5)
+
+
+def test_agree_takes_the_worst_figures_of_all_processes():
+    """Multi-process agreement: a reduce that sees another process's figures (its max, min for noise)."""
+    mine = controller()
+    step_figures = [(1, 2e-4, False), (4, 1e-3, True)]
+    for cls, recon, path in step_figures:
+        mine.observe_call(cls, recon, path)
+    mine.observe_audit(4, 1e-4, 1e-3, 0.5, 0.2)
+    other = {1: (5e-4, None, None), 4: (2e-3, 0.3, 0.4)}     # the other process: recon, kappa, amplification
+
+    def reduce(values, lowest=()):
+        if len(values) == 1:
+            return [max(values[0], 4.0)]
+        out = list(values)
+        for i, c in enumerate(range(1, 5)):
+            for j, theirs in enumerate(other.get(c, (None, None, None))):
+                v = out[6 * i + j]
+                out[6 * i + j] = theirs if v is None else (v if theirs is None else max(v, theirs))
+        out[-1] = min(out[-1], 0.1)
+        return out
+
+    mine.agree(reduce)
+    assert mine.recon == {1: 5e-4, 4: 2e-3}
+    assert mine.kappa[4] == pytest.approx(0.3) and mine.amplification[4] == 0.5 and mine.noise == 0.1
+    assert mine.path == {4}
+    single = controller()                  # one process: agree(nn.collective.agree) changes nothing
+    for cls, recon, path in step_figures:
+        single.observe_call(cls, recon, path)
+    before = single.state_dict()
+    from pinnsketch.nn.collective import agree
+
+    single.agree(agree)
+    assert single.state_dict() == before
