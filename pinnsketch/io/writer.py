@@ -389,7 +389,7 @@ def _name(key: str) -> str:
 
 # -- finished runs -----------------------------------------------------------------------------
 def save_result(result, path: str | os.PathLike, *, compression: str | None = "gzip") -> Path:
-    """Write a finished ``pinnsketch.solve`` Result to ``path`` (what ``Result.save`` calls).
+    """Write a finished ``pinnsketch.solve`` Result to ``path``; returns the path (``pinnsketch.save``).
 
     Without a RunWriter during training, /training comes from ``result.history``, /sketch holds
     the final storage report only, and there is no /gradients. The checkpoint is the final state.

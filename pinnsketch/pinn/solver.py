@@ -1,7 +1,7 @@
 """`solve(problem, *, ...)`: train a PINN with Adam, then L-BFGS, and check it.
 
     result = ps.solve(Burgers(), storage="lowrank", adam=ps.Adam(steps=10_000), seed=0)
-    result.l2_relative_error, result.predict(x), result.save("burgers.h5")
+    result.l2_relative_error, result.predict(x)   # ps.save(result, "burgers.h5") writes the run file
 
 Every option is keyword-only; `None` means "the problem's `solver_defaults`
 entry, else the global default" (see `DEFAULTS`). The loop is plain: per step,
@@ -32,7 +32,7 @@ from .problem import Layout, Problem
 from .result import Evaluator, Result, predict
 from .sampling import CollocationPoints, refine_points
 
-__all__ = ["solve", "loss_terms", "DEFAULTS", "DTYPES"]
+__all__ = ["solve", "loss_terms", "problem_defaults", "DEFAULTS", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -52,14 +52,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _resolve(problem: Problem, given: dict[str, Any]) -> dict[str, Any]:
+def problem_defaults(problem: Problem) -> dict[str, Any]:
+    """The options a solve of `problem` uses when none is given: `DEFAULTS` overlaid with
+    `problem.solver_defaults` (whose keys must be keys of `DEFAULTS`)."""
     own = dict(getattr(problem, "solver_defaults", None) or {})
     unknown = sorted(set(own) - set(DEFAULTS))
     if unknown:
         raise ProblemDefinitionError(
             f"{type(problem).__name__}.solver_defaults has unknown keys {unknown}; valid: {sorted(DEFAULTS)}"
         )
-    return {k: given[k] if given.get(k) is not None else own.get(k, DEFAULTS[k]) for k in DEFAULTS}
+    return {**DEFAULTS, **own}
+
+
+def _resolve(problem: Problem, given: dict[str, Any]) -> dict[str, Any]:
+    base = problem_defaults(problem)
+    return {k: given[k] if given.get(k) is not None else base[k] for k in DEFAULTS}
 
 
 def _device(device) -> torch.device:

@@ -5,12 +5,15 @@
     record.values, record.seconds, record.meter.peak_bytes
 
 `train_step` calls the model's `advance()` once (new sketch test matrices, rank
-updates), then runs `optimizer.step(closure)` where the closure zeroes the
-gradients, evaluates the loss, checks it is finite and calls `backward()`. An
-L-BFGS step evaluates the closure several times under one `advance()`, so its
-line search and curvature pairs see the same sketches. The memory meter, when
-asked for, spans the whole optimizer step (every closure evaluation and the
-update), and so does the step's time.
+updates), then a closure that zeroes the gradients, evaluates the loss, checks
+it is finite and calls `backward()`, then the optimizer's update. An L-BFGS
+step (`optimizer.step(closure)`) evaluates the closure several times under one
+`advance()`, so its line search and curvature pairs see the same sketches.
+
+The memory meter, when asked for, spans the loss evaluation (forward and
+backward) of a one-evaluation optimizer, and the whole step of L-BFGS, whose
+evaluations interleave with its updates. The step's time always includes the
+update.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class StepRecord:
         loss: the first closure evaluation's loss, detached (a 0-dim tensor).
         values: [loss, *terms] of the first evaluation as floats; None when the
             step ran with check=False.
-        seconds: wall time of the optimizer step (all evaluations and the update).
+        seconds: wall time of the step (every evaluation and the update).
         meter: the `MemoryMeter` of the step, or None when it was not metered.
     """
 
@@ -60,6 +63,12 @@ def advance(model: torch.nn.Module) -> None:
 def crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]."""
     return after // every > before // every
+
+
+def _values(loss: torch.Tensor, terms: torch.Tensor | None) -> list[float]:
+    """[loss, *terms] as floats (one read-back from the device)."""
+    parts = [loss.detach().reshape(1)] if terms is None else [loss.detach().reshape(1), terms.detach()]
+    return torch.cat(parts).tolist()
 
 
 def _check_finite(values: list[float], names: Sequence[str], where: str, hint: str) -> None:
@@ -88,7 +97,8 @@ def train_step(
 
     Args:
         model: the trained module; its `advance()` (if any) is called once, first.
-        optimizer: any torch optimizer; `optimizer.step(closure)` runs the step.
+        optimizer: any torch optimizer; `torch.optim.LBFGS` gets the closure
+            (`optimizer.step(closure)`), others step after one evaluation.
         loss_fn: () -> (loss (), terms (k,) or None): the weighted loss to
             minimize and, optionally, the unweighted terms it is made of.
         meter: measure the step in a `MemoryMeter`.
@@ -111,18 +121,24 @@ def train_step(
         loss, terms = loss_fn()
         values = None
         if check:
-            parts = [loss.detach().reshape(1)] if terms is None else [loss.detach().reshape(1), terms.detach()]
-            values = torch.cat(parts).tolist()
+            values = _values(loss, terms)
             _check_finite(values, names, where, hint)
+        del terms  # backward does not need it: freed before the step's peak
         loss.backward()
         if not first:
             first.append((loss.detach(), values))
         return loss
 
+    repeated = isinstance(optimizer, torch.optim.LBFGS)  # evaluates the closure between its updates
     measure = MemoryMeter(step_peak=step_peak) if meter else contextlib.nullcontext()
     t0 = time.perf_counter()
     with measure:
-        optimizer.step(closure)
+        if repeated:
+            optimizer.step(closure)
+        else:
+            closure()
+    if not repeated:
+        optimizer.step()
     seconds = time.perf_counter() - t0
     loss, values = first[0]
     return StepRecord(loss=loss, values=values, seconds=seconds, meter=measure if meter else None)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import pinnsketch
 import pinnsketch.pinn as pp
 from pinnsketch.pinn import geometry as G
 
@@ -232,5 +233,5 @@ def test_autograd_fallback_matches_jets_on_the_same_weights():
 
 def test_save_writes_a_file(tmp_path):
     r = losses()
-    path = r.save(tmp_path / "run.h5")
+    path = pinnsketch.save(r, tmp_path / "run.h5")
     assert path.exists() and path.stat().st_size > 0
