@@ -25,6 +25,7 @@ from .io import RunFileError, load
 from .io import save_result as save
 from .monitor import GradientMonitor
 from .nn import CNN, MLP, Jet, JetSpec, MemoryMeter, ResidualMLP, make_storage
+from .training import EarlyStopping, TrainingDivergedError
 from .pinn import (
     LBFGS,
     RAR,
@@ -56,7 +57,7 @@ __all__ = [
     # defining and solving a PDE
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
     "InitialVelocity", "PointData", "solve", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
-    "Callback", "TrainingState",
+    "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
     # the sketched-layer core
     "MLP", "ResidualMLP", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring

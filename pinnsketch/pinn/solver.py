@@ -5,11 +5,12 @@
 
 Every option is keyword-only; `None` means "the problem's `solver_defaults`
 entry, else the global default" (see `DEFAULTS`). The loop is plain: per step,
-optional resampling / refinement (Adam only), `model.advance()` once, the
-loss terms, a finiteness check, backward, the optimizer step, bookkeeping,
-callbacks. An L-BFGS step runs up to `LBFGS.max_iter` iterations with one
-`advance()`, so line searches and curvature pairs within it see the same
-sketch test matrices.
+optional resampling / refinement (Adam only), then one
+`pinnsketch.training.train_step` (`model.advance()` once, the loss terms, a
+finiteness check, backward, the optimizer step), bookkeeping, callbacks.
+An L-BFGS step runs up to `LBFGS.max_iter` iterations with one `advance()`,
+so line searches and curvature pairs within it see the same sketch test
+matrices.
 """
 
 from __future__ import annotations
