@@ -12,12 +12,14 @@ The public surface, by name. Subpackages hold the pieces:
 - `pinnsketch.problems`: the PDE library (one module per problem, with references)
 - `pinnsketch.cli`: the `pinnsketch` command line
 
-Layers, lowest first: _version -> sketch -> nn -> training -> monitor -> io -> pinn -> data -> problems -> cli
+Layers, lowest first: _version -> sketch -> nn -> training -> monitor -> io, pinn, data -> problems -> cli
 
-A part imports only itself and the parts before it (`tests/test_layering.py` checks every import,
-including those inside functions), so run files (`io`) are written and read without the PINN
-solver, and the solver saves nothing itself: `pinnsketch.save(result, path)` is `io.save_result`.
-This root module re-exports the public surface and sits above them all.
+A part imports only itself and the layers before its own; parts of one layer do not import each
+other (`tests/test_layering.py` checks every import, including those inside functions). So run
+files (`io`) are written and read without the PINN solver, the solver saves nothing itself
+(`pinnsketch.save(result, path)` is `io.save_result`), and classifier training (`data`) shares
+`training` with the solver without importing it. This root module re-exports the public surface
+and sits above them all.
 """
 
 from . import data, io, monitor, nn, pinn, sketch, training

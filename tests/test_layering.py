@@ -22,11 +22,19 @@ PROBLEMS = ROOT.parent / "problems"
 TOP = "(root)"
 
 
-def stated_layers() -> list[str]:
-    """The order in the package docstring's `Layers, lowest first:` line."""
+def stated_layers() -> list[list[str]]:
+    """The layers of the package docstring's `Layers, lowest first: a -> b, c -> d` line, as lists of parts."""
     match = re.search(r"Layers, lowest first:\s*(.+?)\n\n", pinnsketch.__doc__, re.S)
-    assert match, "pinnsketch/__init__.py must state its layering as 'Layers, lowest first: a -> b -> ...'"
-    return [name.strip().strip("`") for name in " ".join(match.group(1).split()).split("->")]
+    assert match, "pinnsketch/__init__.py must state its layering as 'Layers, lowest first: a -> b, c -> ...'"
+    return [[name.strip().strip("`") for name in layer.split(",")]
+            for layer in " ".join(match.group(1).split()).split("->")]
+
+
+def rank() -> dict[str, int]:
+    """Part -> index of its layer; the root above all."""
+    out = {name: i for i, layer in enumerate(stated_layers()) for name in layer}
+    out[TOP] = len(stated_layers())
+    return out
 
 
 def modules() -> dict[str, Path]:
@@ -86,17 +94,17 @@ def edges() -> dict[tuple[str, str], list[str]]:
 
 
 def test_every_part_of_the_package_has_a_stated_layer():
-    layers = stated_layers()
+    stated = [name for layer in stated_layers() for name in layer]
     parts = {part_of(m) for m in modules()} - {TOP}
-    assert sorted(parts - set(layers)) == [], "add these to the layering in pinnsketch/__init__.py"
-    assert sorted(set(layers) - parts) == [], "the layering names parts the package does not have"
+    assert len(stated) == len(set(stated)), "a part is named twice in the layering"
+    assert sorted(parts - set(stated)) == [], "add these to the layering in pinnsketch/__init__.py"
+    assert sorted(set(stated) - parts) == [], "the layering names parts the package does not have"
 
 
-def test_no_layer_imports_a_higher_one():
-    rank = {name: i for i, name in enumerate(stated_layers())}
-    rank[TOP] = len(rank)
-    upward = {f"{a} -> {b}": where for (a, b), where in edges().items() if rank[b] > rank[a]}
-    assert upward == {}, "imports from a lower layer into a higher one"
+def test_no_part_imports_its_own_layer_or_a_higher_one():
+    r = rank()
+    upward = {f"{a} -> {b}": where for (a, b), where in edges().items() if r[b] >= r[a]}
+    assert upward == {}, "imports into the importer's own layer or a higher one"
 
 
 def test_no_cycle_between_parts():
@@ -124,3 +132,9 @@ def test_the_scan_sees_relative_absolute_and_function_level_imports(tmp_path, so
     path.write_text(source)
     found = imported("pinnsketch.io.writer", path, modules())
     assert {(part_of("pinnsketch.io.writer"), part_of(t)) for t in found} == expected
+
+
+def test_io_and_the_solver_do_not_import_each_other():
+    r = rank()
+    assert r["pinn"] == r["io"] and r["data"] == r["pinn"]   # one layer: neither direction is allowed
+    assert r["training"] < r["io"] and r["training"] < r["data"]
