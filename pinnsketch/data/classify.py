@@ -265,9 +265,9 @@ def train_classifier(
                 x, y = transform(train_x[idx], dtype), train_y[idx]
                 outputs: list[torch.Tensor] = []
                 # The finiteness check reads the loss back (a device sync): only when it is shown anyway.
-                record = train_step(model, opt, functools.partial(_cross_entropy, model, x, y, outputs), meter=True, step_peak=False, check=bool(callbacks or progress),
-                                    names=["cross_entropy"], where=f"step {len(step_bytes) + 1} (epoch {epoch + 1})",
-                                    hint=f"Lower lr={lr}.")
+                record = train_step(model, opt, functools.partial(_cross_entropy, model, x, y, outputs), meter=True,
+                                    step_peak=False, check=bool(callbacks or progress), names=["cross_entropy"],
+                                    where=f"step {len(step_bytes) + 1} (epoch {epoch + 1})", hint=f"Lower lr={lr}.")
                 meter, loss, logits = record.meter, record.loss, outputs[0].detach()
                 step_bytes.append(meter.peak_bytes)
                 if meter.cuda_peak_bytes is not None:
