@@ -1,5 +1,6 @@
 """`pinnsketch.training.train_step`: one advance() per step, the finiteness check before the update,
-metering on request; the PINN solver and the classifier trainer step through it alike."""
+metering on request; the classifier trainer steps through it (the solver's side is in
+tests/pinn/test_solver.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import math
 import pytest
 import torch
 
-import pinnsketch.pinn as pp
 from pinnsketch.data import load_digits
 from pinnsketch.data.classify import train_classifier
-from pinnsketch.pinn import geometry as G
 from pinnsketch.training import TrainingDivergedError, crossed, train_step
 
 
@@ -90,47 +89,6 @@ def test_check_off_reads_nothing_back_and_metering_is_on_request():
 
 def test_crossed():
     assert crossed(7, 8, 4) and crossed(5, 9, 4) and not crossed(8, 11, 4) and not crossed(3, 3, 4)
-
-
-class Poisson1D(pp.Problem):
-    """-u'' = pi^2 sin(pi x) on [0, 1], u(0) = u(1) = 0."""
-
-    name = "poisson1d"
-    domain = G.Interval(0, 1)
-    conditions = [pp.Dirichlet(0.0)]
-
-    def residual(self, x, u):
-        return u.xx + math.pi**2 * torch.sin(math.pi * x[:, 0])
-
-
-class CountingMLP(torch.nn.Module):
-    """A small pinnsketch MLP that counts its `advance()` calls."""
-
-    def __init__(self):
-        super().__init__()
-        from pinnsketch.nn import MLP
-
-        self.mlp = MLP(1, 1, width=8, depth=2, storage="exact", seed=0, dtype=torch.float64)
-        self.advances = 0
-
-    def advance(self):
-        self.advances += 1
-        self.mlp.advance()
-
-    def forward(self, x):
-        return self.mlp(x)
-
-    def jet(self, x, spec):
-        return self.mlp.jet(x, spec)
-
-
-def test_solver_advances_once_per_adam_and_lbfgs_step():
-    net = CountingMLP()
-    result = pp.solve(Poisson1D(), network=net, adam=pp.Adam(steps=5), lbfgs=pp.LBFGS(steps=4, max_iter=2),
-                      points=pp.Points(domain=16, boundary=2, initial=0), dtype="float64", device="cpu", eval_points=64,
-                      progress=False)
-    lbfgs_steps = result.history["phase"].count("lbfgs")
-    assert net.advances == 5 + lbfgs_steps and lbfgs_steps >= 1
 
 
 def test_classifier_advances_once_per_step_before_its_forward():
