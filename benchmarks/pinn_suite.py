@@ -34,10 +34,10 @@ HERE = Path(__file__).resolve().parent
 
 def run_one(name: str, storage: str, opts) -> dict:
     from pinnsketch import problems
-    from pinnsketch.pinn.solver import DEFAULTS, solve
+    from pinnsketch.pinn.solver import problem_defaults, solve
 
     problem = problems.get(name)
-    base = {**DEFAULTS, **(getattr(problem, "solver_defaults", None) or {})}
+    base = problem_defaults(problem)
     kwargs = {"storage": storage, "seed": opts.seed, "device": opts.device, "progress": False}
     if opts.steps is not None:
         kwargs["adam"] = dataclasses.replace(base["adam"], steps=opts.steps)

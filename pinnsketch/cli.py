@@ -21,7 +21,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser", "add_solve_parser", "add_problems_parser", "solve_command", "problems_command"]
+__all__ = ["main", "build_parser", "add_solve_parser", "add_problems_parser", "solve_command", "problems_command",
+           "solve_options_from_config"]
 
 PROG = "pinnsketch"
 
@@ -42,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _debug_flag(parser: argparse.ArgumentParser, top: bool) -> None:
+    """Add `--debug` (the dispatcher adds it to the top parser and to every subcommand)."""
     # SUPPRESS on subcommands, so `pinnsketch --debug solve ...` is not reset by the subparser's default
     parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                         help="on errors, show the full traceback")
@@ -51,7 +53,6 @@ def _debug_flag(parser: argparse.ArgumentParser, top: bool) -> None:
 def add_problems_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("problems", help="list the PDE library",
                               description="List the problems `pinnsketch solve` knows, with their tolerances.")
-    _debug_flag(p, top=False)
     p.set_defaults(func=problems_command)
     return p
 
@@ -96,7 +97,6 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     add_run_file_arguments(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the loss with torch.compile (pays for --storage exact; see solve(compile=))")
-    _debug_flag(p, top=False)
     p.set_defaults(func=solve_command)
     return p
 
@@ -108,9 +108,9 @@ _TRAINING_FLAGS = ("storage", "steps", "lbfgs_steps", "lr", "points", "width", "
 
 def _solve_options(problem, args: argparse.Namespace, recorded: dict | None = None) -> dict:
     """Keyword arguments of `solve` from the flags, on top of `recorded` (--from) or the problem's defaults."""
-    from .pinn.solver import DEFAULTS
+    from .pinn.solver import problem_defaults
 
-    base = {**DEFAULTS, **(getattr(problem, "solver_defaults", None) or {}), **(recorded or {})}
+    base = {**problem_defaults(problem), **(recorded or {})}
     options: dict = dict(recorded or {})
 
     def updated(key: str, **changes):
@@ -140,13 +140,48 @@ def _recorded_config(path: str) -> dict:
         return json.loads(f.attrs.get("config", "{}")), bool(f.attrs.get("completed", False))
 
 
+def solve_options_from_config(config: dict) -> dict:
+    """Keyword arguments of ``pinnsketch.solve`` that rerun a recorded run (the root attribute ``config``).
+
+    The storage is returned as recorded: a policy name or a ``"name:key=value,..."`` spec (parse it
+    with ``pinnsketch.data.bench.parse_storage(spec, defaults={})``). Raises ValueError when the run
+    cannot be rebuilt from its record (own network module, storage options not recorded).
+    """
+    from .pinn.options import LBFGS, RAR, SCHEDULES, Adam, Network, Points
+
+    missing = [k for k in ("problem", "network", "storage", "adam", "lbfgs", "points", "seed") if k not in config]
+    if missing:
+        raise ValueError(f"the run's configuration lacks {missing}; it was not written by pinnsketch solve")
+    network = config["network"]
+    if not isinstance(network, dict) or "width" not in network:
+        raise ValueError(f"the run trained its own network module {network!r}; rerun it from Python with "
+                         "that module")
+    recorded = config.get("storage_options")
+    if isinstance(recorded, dict) and recorded.get("unrecorded"):
+        raise ValueError(f"the run's storage policy options {recorded['unrecorded']} were not recorded "
+                         f"(policy {config['storage']!r}); rerun with --storage NAME:KEY=VALUE,...")
+    adam = dict(config["adam"])
+    schedule = dict(adam.pop("schedule"))
+    adam["schedule"] = SCHEDULES[schedule.pop("name")](**schedule)
+    adam["betas"] = tuple(adam["betas"])
+    points = dict(config["points"])
+    points["refine"] = None if points.get("refine") is None else RAR(**points["refine"])
+    options = {"network": Network(**network), "storage": config["storage"], "adam": Adam(**adam),
+               "lbfgs": LBFGS(**config["lbfgs"]), "points": Points(**points), "seed": config["seed"],
+               "loss_weights": config.get("loss_weights")}
+    for key in ("dtype", "device", "derivatives", "eval_every", "eval_points"):
+        if config.get(key) is not None:
+            options[key] = config[key]
+    return options
+
+
 def solve_command(args: argparse.Namespace) -> int:
     from . import problems
     from .data.bench import parse_storage
-    from .io.commands import run_file_callbacks, solve_options_from_config
+    from .io.commands import run_file_callbacks
     from .io.runfile import check_output_path
     from .pinn.errors import TrainingDivergedError
-    from .pinn.solver import solve
+    from .pinn.solver import problem_defaults, solve
 
     recorded = None
     source = args.resume or args.from_file
@@ -178,8 +213,8 @@ def solve_command(args: argparse.Namespace) -> int:
     out = args.resume if args.resume is not None else args.out
     if out is not None:
         check_output_path(out)           # before any training: a folder, an unwritable place, a busy file
-    total = options.get("adam", _problem_default(problem, "adam")).steps + \
-        options.get("lbfgs", _problem_default(problem, "lbfgs")).steps
+    defaults = problem_defaults(problem)
+    total = options.get("adam", defaults["adam"]).steps + options.get("lbfgs", defaults["lbfgs"]).steps
     callbacks, state = run_file_callbacks(args, total_steps=total, config=extra)
     try:
         result = solve(problem, progress=not args.no_progress, callbacks=callbacks, resume=state,
@@ -204,13 +239,6 @@ def solve_command(args: argparse.Namespace) -> int:
     if out is not None:
         print(f"saved to {out}")
     return 0
-
-
-def _problem_default(problem, key: str):
-    """The solver option `key` that a run of `problem` uses when none is given."""
-    from .pinn.solver import DEFAULTS
-
-    return (getattr(problem, "solver_defaults", None) or {}).get(key, DEFAULTS[key])
 
 
 def _err_step(callbacks) -> str:
@@ -238,7 +266,7 @@ _EXTERNAL = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Physics-informed neural networks with sketched activation storage.")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _debug_flag(parser, top=True)
@@ -247,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_problems_parser(sub)
     for module, function in _EXTERNAL:
         getattr(importlib.import_module(module), function)(sub)
+    for subparser in sub.choices.values():
+        _debug_flag(subparser, top=False)
     return parser
 
 

@@ -85,7 +85,7 @@ class Burgers(CachedReference, ps.Problem):
     domain = ps.geometry.Interval(-1, 1) * ps.geometry.TimeDomain(0, 1)
     nu = 0.01 / math.pi
     conditions = (ps.Dirichlet(0.0), ps.Initial(lambda x: -torch.sin(math.pi * x[:, 0])))
-    tolerance = 5e-3  # relative L2 the default solve must reach (issue 4)
+    tolerance = 5e-3  # relative L2 the default solve must reach
 
     def residual(self, x, u):
         return u.t + u * u.x - self.nu * u.xx

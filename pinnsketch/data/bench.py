@@ -314,9 +314,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for initialization and shuffling (default 0)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the records to FILE as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    # SUPPRESS: `pinnsketch --debug bench ...` sets it on the top-level parser.
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="on errors, show the full traceback")
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -3,12 +3,14 @@
 `make_classifier` builds an MLP (flattened images) or a CNN with a storage policy;
 `train_classifier` runs seeded, shuffled mini-batch training (Adam or SGD), measures the
 saved-activation memory of every step with `MemoryMeter`, evaluates on the test split
-and reports to optional callbacks (the `Callback` protocol, phase "train").
+and reports to optional callbacks (`pinnsketch.training.Callback`, phase "train"). Each
+step goes through `pinnsketch.training.train_step`, as the PINN solver's do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..nn import CNN, MLP, MemoryMeter
+from ..nn import CNN, MLP
+from ..training import TrainingState, train_step
 from .dataset import ImageDataset
 from .preprocess import Standardizer
 
@@ -165,10 +168,6 @@ def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.
 
 
 def _training_state(model, optimizer, config, generator, callbacks, max_steps):
-    # Imported lazily: the Callback protocol lives with the PINN solver, and classifiers
-    # only need it when callbacks are given.
-    from ..pinn.callbacks import TrainingState
-
     return TrainingState(problem=None, model=model, optimizer=optimizer, phase="train", config=config,
                          lr=optimizer.param_groups[0]["lr"], generator=generator, callbacks=callbacks,
                          max_steps=max_steps)
@@ -192,8 +191,9 @@ def train_classifier(
 ) -> ClassifierResult:
     """Train `model` on `data.train_*` with shuffled mini-batches; evaluate on `data.test_*`.
 
-    Every step runs forward and backward inside a `MemoryMeter`; after `optimizer.step()`
-    the model's `advance()` (new sketch seeds, rank updates) is called when it has one.
+    Every step is one `pinnsketch.training.train_step`: the model's `advance()` (new sketch
+    seeds, rank updates) when it has one, then forward, backward and the update inside a
+    `MemoryMeter` (saved bytes only: no profiled `step_peak`, since every step is metered).
 
     Args:
         model: an MLP (fed flattened images) or CNN from `make_classifier`, or any module
@@ -232,7 +232,6 @@ def train_classifier(
     opt = _make_optimizer(optimizer, model.parameters(), lr, weight_decay)
     # Shuffling draws from its own CPU generator (same permutation on every device).
     shuffle = torch.Generator().manual_seed(seed)
-    advance = getattr(model, "advance", None)
     report = getattr(model, "storage_report", lambda: [])
     policies = sorted({str(r.get("storage")) for r in report()})
     config = {"dataset": data.name, "model": type(model).__name__, "storage": ",".join(policies) or None,
@@ -264,25 +263,19 @@ def train_classifier(
             for start in range(0, seen, batch_size):
                 idx = order[start:start + batch_size]
                 x, y = transform(train_x[idx], dtype), train_y[idx]
-                opt.zero_grad(set_to_none=True)
-                with MemoryMeter() as meter:
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                    loss.backward()
-                opt.step()
-                if advance is not None:
-                    advance()
+                outputs: list[torch.Tensor] = []
+                # The finiteness check reads the loss back (a device sync): only when it is shown anyway.
+                record = train_step(model, opt, functools.partial(_cross_entropy, model, x, y, outputs), meter=True,
+                                    step_peak=False, check=bool(callbacks or progress), names=["cross_entropy"],
+                                    where=f"step {len(step_bytes) + 1} (epoch {epoch + 1})", hint=f"Lower lr={lr}.")
+                meter, loss, logits = record.meter, record.loss, outputs[0].detach()
                 step_bytes.append(meter.peak_bytes)
                 if meter.cuda_peak_bytes is not None:
                     cuda_peak = max(cuda_peak or 0, meter.cuda_peak_bytes)
-                loss_sum += loss.detach().to(torch.float64) * len(y)
-                correct += (logits.detach().argmax(dim=1) == y).sum()
-                if callbacks or progress:
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"cross-entropy became {value} at step {len(step_bytes)} (epoch {epoch + 1}); lower lr={lr}"
-                        )
+                loss_sum += loss.to(torch.float64) * len(y)
+                correct += (logits.argmax(dim=1) == y).sum()
+                if record.values is not None:
+                    value = record.values[0]
                     bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 bar.update()
                 if state is not None:
@@ -321,6 +314,12 @@ def train_classifier(
         for cb in callbacks:
             cb.on_end(state, result)
     return result
+
+
+def _cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, outputs: list) -> tuple:
+    """(cross-entropy of model(x) against labels y (N,), None); the logits (N, classes) go to `outputs`."""
+    outputs.append(model(x))
+    return F.cross_entropy(outputs[-1], y), None
 
 
 def _synchronize(device: torch.device) -> None:

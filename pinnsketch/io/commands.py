@@ -7,13 +7,7 @@ import json
 import sys
 
 __all__ = ["add_inspect_parser", "add_plot_parser", "inspect_command", "plot_command", "add_run_file_arguments",
-           "run_file_callbacks", "solve_options_from_config"]
-
-
-def _debug_flag(parser: argparse.ArgumentParser) -> None:
-    # Same flag as the dispatcher's other subcommands (SUPPRESS keeps `pinnsketch --debug inspect ...`).
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="on errors, show the full traceback")
+           "run_file_callbacks"]
 
 
 def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,7 +15,6 @@ def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
                               description="Print a summary of a pinnsketch HDF5 run file.")
     p.add_argument("path", help="run file (.h5)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    _debug_flag(p)
     p.set_defaults(func=inspect_command)
     return p
 
@@ -32,7 +25,6 @@ def add_plot_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("path", help="run file (.h5)")
     p.add_argument("--out", default=None, help="output folder (default: <run file name>_plots next to it)")
     p.add_argument("--dpi", type=int, default=120, help="resolution of the PNGs (default 120)")
-    _debug_flag(p)
     p.set_defaults(func=plot_command)
     return p
 
@@ -116,38 +108,3 @@ def run_file_callbacks(args: argparse.Namespace, *, total_steps: int,
                                   method=getattr(args, "monitor_method", "three_sketch"),
                                   step_sketch=getattr(args, "monitor_step_sketch", 0) or 0)
     return [RunWriter(out, checkpoint_every=every, monitor=monitor, config=config)], None
-
-
-def solve_options_from_config(config: dict) -> dict:
-    """Keyword arguments of ``pinnsketch.solve`` that rerun a recorded run (the root attribute ``config``).
-
-    The storage is returned as recorded: a policy name or a ``"name:key=value,..."`` spec (parse it
-    with ``pinnsketch.data.bench.parse_storage(spec, defaults={})``). Raises ValueError when the run
-    cannot be rebuilt from its record (own network module, storage options not recorded).
-    """
-    from ..pinn.options import LBFGS, RAR, SCHEDULES, Adam, Network, Points
-
-    missing = [k for k in ("problem", "network", "storage", "adam", "lbfgs", "points", "seed") if k not in config]
-    if missing:
-        raise ValueError(f"the run's configuration lacks {missing}; it was not written by pinnsketch solve")
-    network = config["network"]
-    if not isinstance(network, dict) or "width" not in network:
-        raise ValueError(f"the run trained its own network module {network!r}; rerun it from Python with "
-                         "that module")
-    recorded = config.get("storage_options")
-    if isinstance(recorded, dict) and recorded.get("unrecorded"):
-        raise ValueError(f"the run's storage policy options {recorded['unrecorded']} were not recorded "
-                         f"(policy {config['storage']!r}); rerun with --storage NAME:KEY=VALUE,...")
-    adam = dict(config["adam"])
-    schedule = dict(adam.pop("schedule"))
-    adam["schedule"] = SCHEDULES[schedule.pop("name")](**schedule)
-    adam["betas"] = tuple(adam["betas"])
-    points = dict(config["points"])
-    points["refine"] = None if points.get("refine") is None else RAR(**points["refine"])
-    options = {"network": Network(**network), "storage": config["storage"], "adam": Adam(**adam),
-               "lbfgs": LBFGS(**config["lbfgs"]), "points": Points(**points), "seed": config["seed"],
-               "loss_weights": config.get("loss_weights")}
-    for key in ("dtype", "device", "derivatives", "eval_every", "eval_points"):
-        if config.get(key) is not None:
-            options[key] = config[key]
-    return options

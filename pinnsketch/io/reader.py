@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import torch
 
+from .._version import __version__
 from .errors import RunFileError
 from .schema import SCHEMA_VERSION, build_model, read_attrs, read_monitor_state
 from .table import read_table
@@ -62,10 +63,8 @@ def open_run(path: str | os.PathLike) -> Iterator[h5py.File]:
         except (TypeError, ValueError):
             raise RunFileError(path, f"has an invalid schema_version {version!r}") from None
         if version > SCHEMA_VERSION:
-            import pinnsketch
-
             raise RunFileError(path, f"has schema version {version}, newer than pinnsketch "
-                                     f"{pinnsketch.__version__} reads (up to {SCHEMA_VERSION}); upgrade pinnsketch")
+                                     f"{__version__} reads (up to {SCHEMA_VERSION}); upgrade pinnsketch")
         if version < 1:
             raise RunFileError(path, f"has an invalid schema_version {version} (versions start at 1)")
         yield f

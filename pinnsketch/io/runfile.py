@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 import torch
 
+from .._version import __version__
 from .schema import GROUPS, SCHEMA_VERSION, append_monitor_rows, json_attr, model_spec, write_monitor_sketches
 from .table import Table
 from .packed import write_packed
@@ -191,9 +192,7 @@ class RunFile:
     # -- content -----------------------------------------------------------------------
     def write_root(self, *, problem: str | None, storage: str | None, seed: int | None, device: str | None,
                    config: dict, kind: str) -> None:
-        import pinnsketch
-
-        attrs = {"schema_version": SCHEMA_VERSION, "pinnsketch_version": pinnsketch.__version__,
+        attrs = {"schema_version": SCHEMA_VERSION, "pinnsketch_version": __version__,
                  "torch_version": torch.__version__, "h5py_version": h5py.__version__,
                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "kind": kind, "problem": problem, "storage": storage, "seed": seed, "device": device,

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..pinn.callbacks import Callback
 from ..nn.policies import STORAGES
+from ..training import Callback, TrainingDivergedError, crossed
 from .runfile import COMPRESSIONS, RunFile
 from .schema import storage_spec
 
@@ -119,11 +119,11 @@ class RunWriter(Callback):
             self.monitor.on_step(state)
         # A step may advance the counter by several iterations (L-BFGS): act when a multiple is crossed.
         previous, self._previous_step = self._previous_step, state.step
-        if _crossed(previous, state.step, self.log_every) or state.l2_relative_error is not None:
+        if crossed(previous, state.step, self.log_every) or state.l2_relative_error is not None:
             self._log(state)
         if self._file.training.buffered >= self.flush_every:
             self._flush()
-        if self.checkpoint_every and (_crossed(previous, state.step, self.checkpoint_every)
+        if self.checkpoint_every and (crossed(previous, state.step, self.checkpoint_every)
                                       or _ends_adam(state, previous)):
             self.checkpoint(state)
 
@@ -158,8 +158,6 @@ class RunWriter(Callback):
         """Training raised: keep the last checkpoint, write the history up to the failure and its cause."""
         if self._file is None:               # never started (e.g. another writer holds the file)
             return
-        from ..pinn.errors import TrainingDivergedError
-
         status = ("diverged" if isinstance(error, TrainingDivergedError) else
                   "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
         text = str(error).strip()
@@ -381,11 +379,6 @@ def _lbfgs_stop_attributes(state) -> dict[str, Any]:
             "lbfgs_stop_step": stop.get("step")}
 
 
-def _crossed(before: int, after: int, every: int) -> bool:
-    """Whether a multiple of ``every`` lies in (before, after]."""
-    return after // every > before // every
-
-
 def _float(value) -> float:
     return math.nan if value is None else float(value)
 
@@ -396,7 +389,7 @@ def _name(key: str) -> str:
 
 # -- finished runs -----------------------------------------------------------------------------
 def save_result(result, path: str | os.PathLike, *, compression: str | None = "gzip") -> Path:
-    """Write a finished ``pinnsketch.solve`` Result to ``path`` (what ``Result.save`` calls).
+    """Write a finished ``pinnsketch.solve`` Result to ``path``; returns the path (``pinnsketch.save``).
 
     Without a RunWriter during training, /training comes from ``result.history``, /sketch holds
     the final storage report only, and there is no /gradients. The checkpoint is the final state.

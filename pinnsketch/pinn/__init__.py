@@ -1,7 +1,6 @@
 """pinnsketch.pinn: define a PDE as a `Problem`, call `solve`, get a checked `Result`."""
 
 from . import geometry
-from .callbacks import Callback, EarlyStopping, ProgressBar, TrainingState
 from .conditions import Condition, Dirichlet, Initial, InitialVelocity, Neumann, Periodic, PointData, Robin
 from .derivatives import AutogradDerivatives, DerivativeProvider, JetDerivatives
 from .errors import DerivativeNameError, ProblemDefinitionError, TrainingDivergedError
@@ -10,6 +9,7 @@ from .options import LBFGS, RAR, Adam, Constant, Cosine, Exponential, Network, P
 from .problem import Parameter, Problem
 from .result import Result
 from .solver import DEFAULTS, loss_terms, solve
+from ..training import Callback, EarlyStopping, ProgressBar, TrainingState
 
 __all__ = [
     "geometry",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..training import TrainingDivergedError
+
 __all__ = ["ProblemDefinitionError", "DerivativeNameError", "TrainingDivergedError"]
 
 
@@ -11,7 +13,3 @@ class ProblemDefinitionError(ValueError):
 
 class DerivativeNameError(AttributeError, ValueError):
     """A residual or condition asked a field for a derivative the problem cannot provide."""
-
-
-class TrainingDivergedError(FloatingPointError):
-    """A loss term became NaN or infinite; training stopped before updating on it."""

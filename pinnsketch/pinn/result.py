@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,25 +139,6 @@ class Result:
     def memory(self) -> dict:
         return {"saved_bytes_peak": self.saved_bytes_peak, "step_peak_bytes": self.step_peak_bytes,
                 "storage_report": self.storage_report}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the run to `path` (HDF5 via pinnsketch.io when available)."""
-        path = Path(path)
-        try:
-            from ..io import save_result
-        except ImportError:
-            save_result = None
-        if save_result is not None:
-            save_result(self, path)
-            return path
-        # Fallback until the HDF5 writer exists: a torch file with the same content.
-        torch.save({
-            "config": self.config, "history": self.history, "l2_relative_error": self.l2_relative_error,
-            "l2_per_field": self.l2_per_field, "parameters": self.parameters, "timing": self.timing,
-            "saved_bytes_peak": self.saved_bytes_peak, "storage_report": self.storage_report,
-            "evaluation": self.evaluation, "model": self.model.state_dict(),
-        }, path)
-        return path
 
     def __repr__(self) -> str:
         l2 = "n/a" if self.l2_relative_error is None else f"{self.l2_relative_error:.3e}"

@@ -1,20 +1,20 @@
 """`solve(problem, *, ...)`: train a PINN with Adam, then L-BFGS, and check it.
 
     result = ps.solve(Burgers(), storage="lowrank", adam=ps.Adam(steps=10_000), seed=0)
-    result.l2_relative_error, result.predict(x), result.save("burgers.h5")
+    result.l2_relative_error, result.predict(x)   # ps.save(result, "burgers.h5") writes the run file
 
 Every option is keyword-only; `None` means "the problem's `solver_defaults`
 entry, else the global default" (see `DEFAULTS`). The loop is plain: per step,
-optional resampling / refinement (Adam only), `model.advance()` once, the
-loss terms, a finiteness check, backward, the optimizer step, bookkeeping,
-callbacks. An L-BFGS step runs up to `LBFGS.max_iter` iterations with one
-`advance()`, so line searches and curvature pairs within it see the same
-sketch test matrices.
+optional resampling / refinement (Adam only), then one
+`pinnsketch.training.train_step` (`model.advance()` once, the loss terms, a
+finiteness check, backward, the optimizer step), bookkeeping, callbacks.
+An L-BFGS step runs up to `LBFGS.max_iter` iterations with one `advance()`,
+so line searches and curvature pairs within it see the same sketch test
+matrices.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from .callbacks import Callback, ProgressBar, TrainingState
+from ..training import Callback, ProgressBar, StepRecord, TrainingState, crossed, train_step
 from .conditions import Condition
 from .derivatives import get_provider
-from .errors import ProblemDefinitionError, TrainingDivergedError
+from .errors import ProblemDefinitionError
 from .objective import Objective
 from .options import LBFGS, RAR, Adam, Network, Points
 from .problem import Layout, Problem
 from .result import Evaluator, Result, predict
 from .sampling import CollocationPoints, refine_points
 
-__all__ = ["solve", "loss_terms", "DEFAULTS", "DTYPES"]
+__all__ = ["solve", "loss_terms", "problem_defaults", "DEFAULTS", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -53,14 +53,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _resolve(problem: Problem, given: dict[str, Any]) -> dict[str, Any]:
+def problem_defaults(problem: Problem) -> dict[str, Any]:
+    """The options a solve of `problem` uses when none is given: `DEFAULTS` overlaid with
+    `problem.solver_defaults` (whose keys must be keys of `DEFAULTS`)."""
     own = dict(getattr(problem, "solver_defaults", None) or {})
     unknown = sorted(set(own) - set(DEFAULTS))
     if unknown:
         raise ProblemDefinitionError(
             f"{type(problem).__name__}.solver_defaults has unknown keys {unknown}; valid: {sorted(DEFAULTS)}"
         )
-    return {k: given[k] if given.get(k) is not None else own.get(k, DEFAULTS[k]) for k in DEFAULTS}
+    return {**DEFAULTS, **own}
+
+
+def _resolve(problem: Problem, given: dict[str, Any]) -> dict[str, Any]:
+    base = problem_defaults(problem)
+    return {k: given[k] if given.get(k) is not None else base[k] for k in DEFAULTS}
 
 
 def _device(device) -> torch.device:
@@ -139,19 +146,6 @@ def _settle_cpu_allocator() -> None:
     del block
 
 
-def _meter(enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    from ..nn import MemoryMeter
-
-    return MemoryMeter(step_peak=True)
-
-
-def _crossed(before: int, after: int, every: int) -> bool:
-    """Whether a multiple of `every` lies in (before, after]."""
-    return after // every > before // every
-
-
 def _new_history(term_names: Sequence[str], parameter_names: Sequence[str]) -> dict:
     return {
         "step": [], "phase": [], "loss": [], "lr": [], "wall_time_s": [], "step_time_s": [],
@@ -194,6 +188,7 @@ class _Run:
                                    self.dtype, self.device, o["loss_weights"])
         self.evaluator: Evaluator | None = None  # built in run(): references can be costly
         self.loss_source = self._loss_source(compile)
+        self._names = ["loss", *self.objective.term_names]  # labels of a step's values in error messages
         adam, lbfgs = o["adam"], o["lbfgs"]
         self.callbacks = _check_callbacks(callbacks)
         self.bar = ProgressBar(disable=None if progress else True)
@@ -239,28 +234,22 @@ class _Run:
         return CompiledLoss(self.objective, self.params, self.device)
 
     # --- one step ------------------------------------------------------------------------
-    def _loss(self, phase: str, lr: float) -> tuple[torch.Tensor, list[float]]:
+    def _loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         terms = self.loss_source.terms()
-        loss = self.objective.total(terms)
-        values = torch.cat([loss.detach().reshape(1), terms.detach()]).tolist()
-        if not all(math.isfinite(v) for v in values):
-            names = ["loss", *self.objective.term_names]
-            bad = [(n, v) for n, v in zip(names[1:], values[1:]) if not math.isfinite(v)] or [(names[0], values[0])]
-            raise TrainingDivergedError(
-                f"loss term {bad[0][0]!r} became {bad[0][1]} at step {self.state.step} ({phase}); "
-                f"non-finite terms: {[n for n, _ in bad]}. Training stopped before updating on it. "
-                f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
-                "conditions for divisions by zero, logs of negatives or overflow."
-            )
-        return loss, values
+        return self.objective.total(terms), terms
 
-    def _advance(self) -> None:
-        advance = getattr(self.network, "advance", None)
-        if callable(advance):
-            advance()
+    def _step(self, opt: torch.optim.Optimizer, phase: str, lr: float) -> StepRecord:
+        """One optimizer step through `train_step`, metered on the steps `_metered` picks."""
+        return train_step(
+            self.network, opt, self._loss, meter=self._metered(), names=self._names,
+            where=f"step {self.state.step} ({phase})",
+            hint=f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
+                 "conditions for divisions by zero, logs of negatives or overflow.",
+        )
 
-    def _finish_step(self, phase: str, values: list[float], lr: float, dt: float, meter, steps: int = 1) -> None:
+    def _finish_step(self, phase: str, record: StepRecord, lr: float, steps: int = 1) -> None:
         """Record a step of `steps` iterations (L-BFGS steps may run several)."""
+        values, meter = record.values, record.meter
         st, h = self.state, self.state.history
         st.step += steps
         st.loss, st.lr = values[0], lr
@@ -271,7 +260,7 @@ class _Run:
         h["loss"].append(values[0])
         h["lr"].append(lr)
         h["wall_time_s"].append(st.wall_time_s)
-        h["step_time_s"].append(dt)
+        h["step_time_s"].append(record.seconds)
         for name, v in st.losses.items():
             h["terms"][name].append(v)
         for name, p in self.parameters.items():
@@ -285,7 +274,7 @@ class _Run:
             if peak is not None:
                 st.step_peak_bytes = max(st.step_peak_bytes or 0, int(peak))
         st.l2_relative_error = None
-        if _crossed(st.step - steps, st.step, self.o["eval_every"]):
+        if crossed(st.step - steps, st.step, self.o["eval_every"]):
             self._evaluate()
         if meter is not None or st.l2_relative_error is not None:
             report = getattr(self.network, "storage_report", None)
@@ -308,7 +297,7 @@ class _Run:
         """Meter memory on the first step of a phase and on the steps that end at an evaluation."""
         st = self.state
         ahead = self.o["lbfgs"].max_iter if st.phase == "lbfgs" else 1
-        return st.step == st.phase_start or _crossed(st.step, st.step + ahead, self.o["eval_every"])
+        return st.step == st.phase_start or crossed(st.step, st.step + ahead, self.o["eval_every"])
 
     # --- phases -------------------------------------------------------------------------
     def _start_phase(self, phase: str, optimizer) -> None:
@@ -340,16 +329,7 @@ class _Run:
             lr = adam.lr * adam.schedule(step, adam.steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            self._advance()
-            meter = _meter(self._metered())
-            t0 = time.perf_counter()
-            with meter:
-                opt.zero_grad(set_to_none=True)
-                loss, values = self._loss("adam", lr)
-                loss.backward()
-            opt.step()
-            self._finish_step("adam", values, lr, time.perf_counter() - t0,
-                              None if isinstance(meter, contextlib.nullcontext) else meter)
+            self._finish_step("adam", self._step(opt, "adam", lr), lr)
 
     def lbfgs(self) -> None:
         lbfgs, st = self.o["lbfgs"], self.state
@@ -361,32 +341,16 @@ class _Run:
         self._start_phase("lbfgs", opt)
         end = st.phase_start + lbfgs.steps
         while st.step < end and not (st.stop_phase or st.stop_training):
-            self._advance()
             LBFGS.limit(opt, min(lbfgs.max_iter, end - st.step), lbfgs.max_line_search)
-            first: list[list[float]] = []
-
-            def closure():
-                opt.zero_grad(set_to_none=True)
-                loss, values = self._loss("lbfgs", lbfgs.lr)
-                loss.backward()
-                if not first:
-                    first.append(values)
-                return loss
-
-            meter = _meter(self._metered())
             before = opt.state[self.params[0]].get("n_iter", 0)
             evals = opt.state[self.params[0]].get("func_evals", 0)
-            t0 = time.perf_counter()
-            with meter:
-                opt.step(closure)
-            dt = time.perf_counter() - t0
+            record = self._step(opt, "lbfgs", lbfgs.lr)
             done = opt.state[self.params[0]].get("n_iter", 0) - before
             if done == 0:  # the gradient test ended the step before any iteration: converged
                 _lbfgs_stop(st, "gradient tolerance", f"max |gradient| <= tolerance_grad={lbfgs.tolerance_grad:g} "
                             "before the step")
                 break
-            self._finish_step("lbfgs", first[0], lbfgs.lr, dt,
-                              None if isinstance(meter, contextlib.nullcontext) else meter, steps=done)
+            self._finish_step("lbfgs", record, lbfgs.lr, steps=done)
             if done < min(lbfgs.max_iter, end - (st.step - done)):
                 _lbfgs_stop(st, *_lbfgs_reason(opt, lbfgs, opt.state[self.params[0]]["func_evals"] - evals))
                 break  # L-BFGS stopped on a tolerance or its line search budget

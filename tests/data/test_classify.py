@@ -7,7 +7,7 @@ from pinnsketch.data import load_digits
 from pinnsketch.data.classify import ClassifierResult, evaluate, make_classifier, train_classifier
 from pinnsketch.data.preprocess import Standardizer
 from pinnsketch.nn import CNN, MLP, STORAGES
-from pinnsketch.pinn.callbacks import Callback
+from pinnsketch.training import Callback
 
 FAST = dict(epochs=3, batch_size=64, lr=5e-3, seed=0, progress=False)
 

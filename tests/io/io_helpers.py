@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pinnsketch.pinn.callbacks import TrainingState
+from pinnsketch.training import TrainingState
 
 def _fixture_module():
     # The fixture script defines the small problem; load it by path (tests/ is not a package).

@@ -127,7 +127,7 @@ def test_datasets_are_chunked_compressed_and_resizable(recorded_run):
 
 def test_save_result_writes_a_complete_file(tmp_path):
     result = ps.solve(Parabola1D(), **solve_options(adam=ps.Adam(steps=6, lr=3e-2), lbfgs=ps.LBFGS(steps=2)))
-    path = result.save(tmp_path / "saved.h5")
+    path = save_result(result, tmp_path / "saved.h5")
     run = load(path)
     assert run.completed and run.steps == result.history["step"][-1]
     assert run.training["step"].tolist() == result.history["step"]

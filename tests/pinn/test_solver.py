@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import pinnsketch
 import pinnsketch.pinn as pp
 from pinnsketch.pinn import geometry as G
 
@@ -232,5 +233,34 @@ def test_autograd_fallback_matches_jets_on_the_same_weights():
 
 def test_save_writes_a_file(tmp_path):
     r = losses()
-    path = r.save(tmp_path / "run.h5")
+    path = pinnsketch.save(r, tmp_path / "run.h5")
     assert path.exists() and path.stat().st_size > 0
+
+
+class CountingMLP(torch.nn.Module):
+    """A small pinnsketch MLP that counts its `advance()` calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = pinnsketch.MLP(1, 1, width=8, depth=2, storage="exact", seed=0, dtype=torch.float64)
+        self.advances = 0
+
+    def advance(self):
+        self.advances += 1
+        self.mlp.advance()
+
+    def forward(self, x):
+        return self.mlp(x)
+
+    def jet(self, x, spec):
+        return self.mlp.jet(x, spec)
+
+
+def test_solver_advances_once_per_adam_and_lbfgs_step():
+    # Every step goes through pinnsketch.training.train_step: one advance() per step, L-BFGS included.
+    net = CountingMLP()
+    result = pp.solve(Poisson1D(), network=net, adam=pp.Adam(steps=5), lbfgs=pp.LBFGS(steps=4, max_iter=2),
+                      points=pp.Points(domain=16, boundary=2, initial=0), dtype="float64", device="cpu",
+                      eval_points=64, progress=False)
+    lbfgs_steps = result.history["phase"].count("lbfgs")
+    assert net.advances == 5 + lbfgs_steps and lbfgs_steps >= 1

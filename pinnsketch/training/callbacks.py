@@ -1,4 +1,4 @@
-"""Training callbacks and the `TrainingState` they see.
+"""Training callbacks and the `TrainingState` they see (shared by every training loop).
 
     class Print(ps.Callback):
         def on_step(self, state):
@@ -52,12 +52,13 @@ class Callback:
 class TrainingState:
     """What callbacks see, updated in place after every step.
 
-    Fields per the team interface: problem, model, optimizer, step (steps done,
-    global over phases), phase ("adam" | "lbfgs"), losses (term -> float, at the
-    start of the step), loss (weighted total), lr, wall_time_s,
-    saved_bytes_peak (int | None), step_peak_bytes (int | None: the peak of all live
-    tensor bytes of a metered step above its start, `MemoryMeter(step_peak=True)`), l2_relative_error (set on evaluation steps,
-    else None), config (JSON-able), storage_report (list of dicts).
+    Fields: problem (None for classifiers), model, optimizer, step (steps done,
+    global over phases), phase ("adam" | "lbfgs" in the PINN solver, "train" in
+    `train_classifier`), losses (term -> float, at the start of the step), loss
+    (weighted total), lr, wall_time_s, saved_bytes_peak (int | None),
+    step_peak_bytes (int | None: the peak of all live tensor bytes of a metered
+    step above its start, `MemoryMeter(step_peak=True)`), l2_relative_error (set
+    on evaluation steps, else None), config (JSON-able), storage_report (list of dicts).
     Extra: max_steps, phase_start, history, parameters, generator, points,
     callbacks, and the flags `stop_phase` / `stop_training` a callback may set.
     """
