@@ -60,6 +60,14 @@ SYSTEMS = ("deepxde", "exact", "checkpoint", "lowrank")
 WORKLOADS = ("mlp", "resmlp")
 
 
+def _system_points(text: str) -> dict[str, int]:
+    """"exact=3840,lowrank=10752" -> {"exact": 3840, "lowrank": 10752}."""
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SYSTEM=N,...; e.g. exact=3840,lowrank=10752") from None
+
+
 def parse_bytes(text: str) -> int:
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     t = text.strip().upper()
@@ -297,7 +305,7 @@ def accuracy_problem(args):
     return SharpPeak(), ps.Network(width=64, depth=4, activation="tanh")
 
 
-def accuracy(args) -> list[dict]:
+def accuracy(args, save=lambda records: None) -> list[dict]:
     import pinnsketch as ps
     from pinnsketch.data.bench import parse_storage
     from pinnsketch.nn import make_storage
@@ -319,15 +327,17 @@ def accuracy(args) -> list[dict]:
         the controller's first decisions included, not only the first step."""
         return solve(system, n, args.accuracy_probe_steps, 2, eval_every=1).step_peak_bytes
 
-    found = {}
+    found = dict(args.accuracy_points or {})
     for system in ("exact", "lowrank"):
-        found[system], _ = largest_fit(
-            lambda n: ((p := peak_at(system, n)) <= args.accuracy_budget, {"peak_bytes": p}), start=256, tol=0.05)
+        if system not in found:
+            found[system], _ = largest_fit(
+                lambda n: ((p := peak_at(system, n)) <= args.accuracy_budget, {"peak_bytes": p}), start=256, tol=0.05)
         print(f"  accuracy {system:8s} largest N within the budget: {found[system]}", flush=True)
     # exact at lowrank's N, over the budget: whether the extra points (not the compression) make the difference
-    runs = [("exact", found["exact"], True), ("lowrank", found["lowrank"], True), ("exact", found["lowrank"], False)]
+    runs = {"exact": ("exact", found["exact"], True), "lowrank": ("lowrank", found["lowrank"], True),
+            "control": ("exact", found["lowrank"], False)}
     records = []
-    for system, n, at_max in runs:
+    for system, n, at_max in (runs[name] for name in args.accuracy_runs):
         t0 = time.perf_counter()
         result = solve(system, n, args.accuracy_adam, args.accuracy_lbfgs, eval_every=args.accuracy_eval_every)
         records.append({"workload": f"{problem.name}_{network.activation}{network.width}x{network.depth}",
@@ -340,10 +350,10 @@ def accuracy(args) -> list[dict]:
                         "lbfgs_iterations": result.timing.get("lbfgs_steps"),
                         "train_seconds": time.perf_counter() - t0,
                         "step_time_s": result.timing.get("adam_ms_per_step", math.nan) / 1e3})
+        records[-1]["ratio_to_exact"] = n / found["exact"]
         print(f"  accuracy {system:8s} N={n:6d}  L2 {result.l2_relative_error:.3e}  "
               f"peak {result.step_peak_bytes / 2**20:.1f} MiB", flush=True)
-    for r in records:
-        r["ratio_to_exact"] = r["max_points"] / records[0]["max_points"]
+        save(records)
     return records
 
 
@@ -369,6 +379,11 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy-lbfgs", type=int, default=500)
     p.add_argument("--accuracy-lowrank", default="lowrank:max_ratio=0.3",
                    help="the lowrank policy of the accuracy part (a cap keeps it within the budget)")
+    p.add_argument("--accuracy-points", type=_system_points, default=None, metavar="exact=N,lowrank=M",
+                   help="skip the search: the largest point counts found by an earlier run")
+    p.add_argument("--accuracy-runs", nargs="+", default=["exact", "lowrank", "control"],
+                   choices=("exact", "lowrank", "control"),
+                   help="which runs (control: exact at lowrank's N); separate processes may split them")
     p.add_argument("--accuracy-probe-steps", type=int, default=20,
                    help="Adam steps (each metered) of a bisection attempt")
     p.add_argument("--accuracy-eval-every", type=int, default=100,
@@ -404,7 +419,7 @@ def main(argv=None) -> int:
     else:
         records = [] if args.accuracy_only else capacity(args, save)
     if args.accuracy or args.accuracy_only:
-        records += accuracy(args)
+        records += accuracy(args, lambda acc: save(records + acc))
     save(records)
     print(json.dumps(records, indent=2))
     return 0
