@@ -21,6 +21,7 @@ from .pinn import (
     Adam,
     Callback,
     Dirichlet,
+    Distributed,
     Field,
     Initial,
     InitialVelocity,
@@ -45,7 +46,7 @@ __all__ = [
     "sketch", "nn", "pinn", "monitor", "io", "data", "geometry",
     # defining and solving a PDE
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
-    "InitialVelocity", "PointData", "solve", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
+    "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
     "Callback", "TrainingState",
     # the sketched-layer core
     "MLP", "ResidualMLP", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",

@@ -39,6 +39,8 @@ import ast
 import copy
 import math
 
+import torch
+
 
 from ..sketch import AdaptiveRank, FixedRank, ThreeSketch, derive_seed
 from ..sketch.operators import OPERATORS
@@ -167,6 +169,12 @@ class EMAStorage(AbstractStorage):
         self._occurrence.clear()
         self._first_shape = None
         self.error, self._step_error = self._step_error, None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # multi-process training (pinnsketch.distributed): each rank sketches its own shard;
+            # the controller reads the worst error of all ranks, so every rank keeps the same rank
+            from ..distributed import agree
+
+            self.error = agree([self.error])[0]
         if self._controller is not None and self.error is not None and math.isfinite(self.error):
             old, error = self._controller.rank, self.error
             if isinstance(self._controller, AdaptiveRank) and self._shrink_blocked():

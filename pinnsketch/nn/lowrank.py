@@ -492,12 +492,30 @@ class LowRankStorage(AbstractStorage):
         # update also waits for its small result)
         self._resolve_pending()
         self._fresh = set()
+        self._agree_across_ranks()
         if self._controlled and self._rank is not None:
             self._control()
         self._step_recon = None
         self._step_tail = {}
         self._step_measured = set()
         super().advance()
+
+    # --- multi-process training (pinnsketch.distributed) -----------------------------------
+    def _agree_across_ranks(self) -> None:
+        """Under torch.distributed each rank compresses and measures its own shard of the points;
+        the controller reads the worst figure of all ranks (a shard is one more call of the step,
+        and the controller already takes the worst call), so every rank keeps the same rank and bits.
+        A no-op in one process."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        from ..distributed import agree
+
+        tail = self._step_tail
+        (self.recon_error, self.kappa, self.amplification, self.noise, up, down) = agree(
+            [self.recon_error, self.kappa, self.amplification, self.noise, tail.get("up"), tail.get("down")],
+            lowest=[False, False, False, True])
+        self._step_tail = {k: v for k, v in (("up", up), ("down", down)) if v is not None}
+    # --- end multi-process training -------------------------------------------------------
 
     def _event(self, kind: str, **info) -> None:
         self.events.append({"step": self.step, "event": kind, "rank": self.rank, "bits": self.bits, **info})

@@ -3,6 +3,7 @@
 from . import geometry
 from .callbacks import Callback, EarlyStopping, ProgressBar, TrainingState
 from .conditions import Condition, Dirichlet, Initial, InitialVelocity, Neumann, Periodic, PointData, Robin
+from ..distributed import Distributed
 from .derivatives import AutogradDerivatives, DerivativeProvider, JetDerivatives
 from .errors import DerivativeNameError, ProblemDefinitionError, TrainingDivergedError
 from .fields import Field
@@ -25,6 +26,7 @@ __all__ = [
     "InitialVelocity",
     "PointData",
     "solve",
+    "Distributed",
     "loss_terms",
     "DEFAULTS",
     "Result",

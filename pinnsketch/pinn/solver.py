@@ -26,6 +26,7 @@ import torch
 from .callbacks import Callback, ProgressBar, TrainingState
 from .conditions import Condition
 from .derivatives import get_provider
+from ..distributed import Distributed, Group, session
 from .errors import ProblemDefinitionError, TrainingDivergedError
 from .objective import Objective
 from .options import LBFGS, RAR, Adam, Network, Points
@@ -167,8 +168,9 @@ class _Run:
     """The state of one solve: built once, then driven phase by phase."""
 
     def __init__(self, problem: Problem, o: dict, explicit_storage, callbacks, progress: bool,
-                 compile: bool = False):
+                 compile: bool = False, group: Group | None = None):
         self.problem, self.o = problem, o
+        self.dist = group  # multi-process runs (`pinnsketch.distributed`); None: one process
         self.layout = layout = Layout.of(problem)
         conditions = list(problem.conditions)
         bad = [c for c in conditions if not isinstance(c, Condition)]
@@ -178,6 +180,8 @@ class _Run:
                 "ps.Periodic, ps.Initial, ps.InitialVelocity or ps.PointData"
             )
         self.dtype, self.device = _dtype(o["dtype"]), _device(o["device"])
+        if group is not None:
+            self.device = group.device  # one CUDA device per rank
         if self.device.type == "cpu":
             _settle_cpu_allocator()
         self.generator = torch.Generator().manual_seed(o["seed"])
@@ -192,10 +196,14 @@ class _Run:
         self.points.sample()
         self.objective = Objective(problem, layout, self.network, get_provider(o["derivatives"]), self.points,
                                    self.dtype, self.device, o["loss_weights"])
+        if group is not None:
+            self.objective.shard = group.shard_sets  # each rank evaluates its own rows of every set
         self.evaluator: Evaluator | None = None  # built in run(): references can be costly
         self.loss_source = self._loss_source(compile)
         adam, lbfgs = o["adam"], o["lbfgs"]
         self.callbacks = _check_callbacks(callbacks)
+        if group is not None and not group.main:
+            self.callbacks, progress = [], False  # rank 0 writes and reports; its stop flags are broadcast
         self.bar = ProgressBar(disable=None if progress else True)
         self.state = TrainingState(
             problem=problem, model=self.network, config=self._config(), max_steps=adam.steps + lbfgs.steps,
@@ -224,6 +232,7 @@ class _Run:
             ],
             "parameters": {k: p.initial for k, p in type(self.problem).parameters().items()},
             "torch_version": torch.__version__,
+            **({} if self.dist is None else {"distributed": self.dist.config()}),
         }
 
     def _loss_source(self, compile: bool):
@@ -240,9 +249,22 @@ class _Run:
 
     # --- one step ------------------------------------------------------------------------
     def _loss(self, phase: str, lr: float) -> tuple[torch.Tensor, list[float]]:
+        """The loss and [loss, *terms], after backward (gradients in p.grad, summed over the ranks)."""
         terms = self.loss_source.terms()
+        if self.dist is None:
+            loss = self.objective.total(terms)
+            values = torch.cat([loss.detach().reshape(1), terms.detach()]).tolist()
+            self._check_finite(values, phase, lr)
+            loss.backward()
+            return loss, values
+        terms = terms * self.objective.term_scale  # this rank's share: the ranks' terms sum to the global ones
         loss = self.objective.total(terms)
-        values = torch.cat([loss.detach().reshape(1), terms.detach()]).tolist()
+        loss.backward()
+        loss, values = self.dist.reduce_step(loss, terms, self.params)
+        self._check_finite(values, phase, lr)  # on the global values: every rank raises alike
+        return loss, values
+
+    def _check_finite(self, values: list[float], phase: str, lr: float) -> None:
         if not all(math.isfinite(v) for v in values):
             names = ["loss", *self.objective.term_names]
             bad = [(n, v) for n, v in zip(names[1:], values[1:]) if not math.isfinite(v)] or [(names[0], values[0])]
@@ -252,7 +274,6 @@ class _Run:
                 f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
                 "conditions for divisions by zero, logs of negatives or overflow."
             )
-        return loss, values
 
     def _advance(self) -> None:
         advance = getattr(self.network, "advance", None)
@@ -292,6 +313,8 @@ class _Run:
             st.storage_report = report() if callable(report) else []
         for cb in self._all_callbacks:
             cb.on_step(st)
+        if self.dist is not None:
+            self.dist.after_step(st, self.params)
 
     def _evaluate(self) -> None:
         ev = self.state.history["eval"]
@@ -331,7 +354,8 @@ class _Run:
             if pts.resample_every and step > 0 and step % pts.resample_every == 0:
                 self.points.resample()
             if isinstance(pts.refine, RAR) and step > 0 and step % pts.refine.every == 0:
-                added = refine_points(self.points, pts.refine, self.objective.pointwise)
+                scores = self.objective.pointwise if self.dist is None else self.dist.gather_rows(self.objective.pointwise)
+                added = refine_points(self.points, pts.refine, scores)
                 if added:
                     r = st.history["refine"]
                     r["step"].append(step)
@@ -346,7 +370,6 @@ class _Run:
             with meter:
                 opt.zero_grad(set_to_none=True)
                 loss, values = self._loss("adam", lr)
-                loss.backward()
             opt.step()
             self._finish_step("adam", values, lr, time.perf_counter() - t0,
                               None if isinstance(meter, contextlib.nullcontext) else meter)
@@ -368,7 +391,6 @@ class _Run:
             def closure():
                 opt.zero_grad(set_to_none=True)
                 loss, values = self._loss("lbfgs", lbfgs.lr)
-                loss.backward()
                 if not first:
                     first.append(values)
                 return loss
@@ -430,6 +452,11 @@ class _Run:
         st, h = self.state, self.state.history
         report = getattr(self.network, "storage_report", None)
         st.storage_report = report() if callable(report) else []
+        if self.dist is not None:  # memory per rank, and the largest as the run's figure
+            saved, peak = self.dist.gather_ints([st.saved_bytes_peak, st.step_peak_bytes])
+            st.config["distributed"].update(saved_bytes_peak_per_rank=saved, step_peak_bytes_per_rank=peak)
+            st.saved_bytes_peak = max((v for v in saved if v is not None), default=None)
+            st.step_peak_bytes = max((v for v in peak if v is not None), default=None)
         timing: dict[str, float] = {"total_s": st.wall_time_s}
         compile_s = getattr(self.loss_source, "compile_s", None)
         if compile_s is not None:
@@ -501,7 +528,7 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
           loss_weights: Mapping[str, float] | None = None, seed: int | None = None, dtype=None, device=None,
           derivatives: str | None = None, eval_every: int | None = None, eval_points: int | None = None,
           progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None,
-          compile: bool = False) -> Result:
+          compile: bool = False, distributed: Distributed | bool | None = None) -> Result:
     """Train a PINN on `problem` and return a checked `Result`.
 
     Args (all keyword-only; None -> problem.solver_defaults, else `DEFAULTS`):
@@ -523,6 +550,11 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
             MLP/ResidualMLP and jets; other set-ups run eagerly with a warning, and so does a
             failed compilation). The compilation is timed as result.timing["compile_s"],
             outside the step times.
+        distributed: None (default): when launched by torchrun as one of several processes,
+            train as one rank of a process group (points sharded, loss and gradients
+            all-reduced: the objective is the single-process one; see `pinnsketch.distributed`);
+            a ps.Distributed(timeout_s, check_every, backend) sets its options; False: never.
+            Only rank 0 runs `callbacks` and the progress bar; every rank returns the Result.
 
     Raises:
         ProblemDefinitionError (a ValueError) for inconsistent problems,
@@ -533,4 +565,5 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
                  eval_every=eval_every, eval_points=eval_points)
     options = _resolve(problem, given)
     _check_options(options)
-    return _Run(problem, options, storage, callbacks, progress, compile).run(resume)
+    with session(distributed, _device(options["device"])) as group:
+        return _Run(problem, options, storage, callbacks, progress, compile, group).run(resume)
