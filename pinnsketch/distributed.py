@@ -33,6 +33,7 @@ after `Distributed.timeout_s` (gloo also fails at once when the peer's socket cl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import math
@@ -272,8 +273,10 @@ def session(option, device: torch.device) -> Iterator[Group | None]:
 
     option: None or a `Distributed` (join when launched as one of several ranks, else
     run alone), True (always join: an error without the launcher's environment), False
-    (never). Creates the process group (env:// rendezvous, `timeout_s`)
-    when none exists and destroys it at the end; an existing group is used as it is.
+    (never). Creates the process group (env:// rendezvous, `timeout_s`) when none exists
+    and keeps it for the rest of the process (destroyed at exit): later solves use it as
+    it is. Destroying and re-creating the default group on the launcher's store would
+    reuse the first group's rendezvous keys.
     """
     if not (option is None or isinstance(option, (bool, Distributed))):
         raise TypeError(f"distributed={option!r} must be None (auto), True, False or a ps.Distributed(...)")
@@ -281,7 +284,6 @@ def session(option, device: torch.device) -> Iterator[Group | None]:
         yield None
         return
     options = option if isinstance(option, Distributed) else Distributed()
-    created = False
     if not dist.is_initialized():
         missing = [k for k in _ENV if k not in os.environ]
         if missing:
@@ -292,11 +294,12 @@ def session(option, device: torch.device) -> Iterator[Group | None]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=options.timeout_s))
-        created = True
+        atexit.register(_destroy)
     elif dist.get_backend() == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())) % max(torch.cuda.device_count(), 1))
-    try:
-        yield Group(options, device)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    yield Group(options, device)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

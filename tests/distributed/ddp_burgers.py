@@ -38,7 +38,12 @@ def main(argv=None) -> None:
     parser.add_argument("--check-every", type=int, default=1)
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
+    import faulthandler
+    import signal
+
     import torch
+
+    faulthandler.register(signal.SIGTERM, chain=True)  # a rank stopped by torchrun shows where it was
 
     torch.set_num_threads(1)
     records = {}
