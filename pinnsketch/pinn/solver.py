@@ -254,6 +254,7 @@ class _Run:
         if self.dist is None:
             loss = self.objective.total(terms)
             values = torch.cat([loss.detach().reshape(1), terms.detach()]).tolist()
+            del terms  # not alive during backward (the step's memory figures count it)
             self._check_finite(values, phase, lr)
             loss.backward()
             return loss, values
