@@ -57,9 +57,9 @@ def worker(args: argparse.Namespace) -> None:
     clock = CpuClock()
     result = ps.solve(problems.get("burgers"), storage=args.storage, callbacks=[clock],
                       network=ps.Network(width=args.width, depth=args.depth, activation="tanh"),
-                      adam=ps.Adam(steps=args.steps, lr=1e-3), lbfgs=ps.LBFGS(steps=0),
+                      adam=ps.Adam(steps=args.steps, lr=1e-3), lbfgs=ps.LBFGS(steps=args.lbfgs_steps),
                       points=ps.Points(domain=args.points, boundary=256, initial=256, refine=None),
-                      seed=0, device="cpu", eval_every=10**9, progress=False)
+                      seed=0, device="cpu", eval_every=10**9, eval_points=2000, progress=False)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     times = result.history["step_time_s"][args.warmup:]
@@ -68,7 +68,9 @@ def worker(args: argparse.Namespace) -> None:
               "step_ms": 1e3 * statistics.median(times), "step_ms_all": [1e3 * t for t in times],
               "cpu_ms": 1e3 * statistics.median(cpu),
               "loss_last": result.history["loss"][-1], "distributed": result.config.get("distributed"),
-              "step_peak_bytes": result.step_peak_bytes}
+              "step_peak_bytes": result.step_peak_bytes, "l2": result.l2_relative_error,
+              "loss": result.history["loss"], "phase": result.history["phase"],
+              "ranks": [r.get("rank") for r in result.storage_report]}
     Path(args.json).write_text(json.dumps(record))
 
 
@@ -78,13 +80,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(procs: int, points: int, opts: argparse.Namespace) -> dict:
+def launch(procs: int, points: int, opts: argparse.Namespace, lbfgs_steps: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank0.json"
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(Path(__file__).resolve()),
                    "--worker", "--points", str(points), "--steps", str(opts.steps), "--warmup", str(opts.warmup),
                    "--storage", opts.storage, "--width", str(opts.width), "--depth", str(opts.depth),
+                   "--lbfgs-steps", str(lbfgs_steps),
                    "--json", str(out)]
         env = dict(os.environ, OMP_NUM_THREADS="1", DDE_BACKEND="pytorch")
         load_before = os.getloadavg()[0]
@@ -108,7 +111,14 @@ def main(argv=None) -> None:
     parser.add_argument("--storage", default="exact")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--json", default=str(HERE / "results" / "distributed.json"))
+    parser.add_argument("--json", default=None, help="default results/distributed.json "
+                                                                "(--accuracy: results/distributed_accuracy.json)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="instead: one process against two on a longer run (--accuracy-steps Adam + "
+                             "--accuracy-lbfgs L-BFGS, --strong-points points): per-step loss difference, final L2")
+    parser.add_argument("--accuracy-steps", type=int, default=1500)
+    parser.add_argument("--accuracy-lbfgs", type=int, default=200)
+    parser.add_argument("--lbfgs-steps", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--points", type=int, default=0, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -119,6 +129,12 @@ def main(argv=None) -> None:
 
     from pinnsketch.data.bench import cpu_model, git_commit
 
+    header = {"command": "python benchmarks/distributed.py " + " ".join(argv or sys.argv[1:]), "commit": git_commit(),
+              "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads_per_process": 1,
+              "backend": "gloo", "storage": opts.storage, "network": f"tanh 2-{opts.width}x{opts.depth}-1"}
+    if opts.accuracy:
+        accuracy(opts, header)
+        return
     procs = [int(p) for p in opts.procs.split(",")]
     if 1 not in procs:
         raise SystemExit(f"--procs {opts.procs} must include 1 (the baseline of both efficiencies)")
@@ -147,16 +163,12 @@ def main(argv=None) -> None:
                      "strong_cpu_efficiency": cpu[(1, opts.strong_points)] / (p * cpu[(p, opts.strong_points)]),
                      "weak_cpu_efficiency": cpu[(1, opts.weak_points)] / cpu[(p, opts.weak_points * p)]})
     payload = {
-        "benchmark": "distributed", "command": "python benchmarks/distributed.py " + " ".join(argv or sys.argv[1:]),
-        "commit": git_commit(), "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-        "load_average_start": load_start, "threads_per_process": 1, "backend": "gloo", "storage": opts.storage,
-        "network": f"tanh 2-{opts.width}x{opts.depth}-1", "steps": opts.steps, "warmup": opts.warmup,
+        "benchmark": "distributed", **header, "load_average_start": load_start, "steps": opts.steps,
+        "warmup": opts.warmup,
         "rounds": opts.rounds, "rows": rows,
         "runs": [{"procs": p, "points": n, "records": v} for (p, n), v in runs.items()],
     }
-    path = Path(opts.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    _write(opts.json or HERE / "results" / "distributed.json", payload)
     print("| processes | strong: ms/step | speedup | efficiency (CPU) | weak: total points | ms/step | "
           "efficiency (CPU) |")
     print("|---|---|---|---|---|---|---|")
@@ -164,6 +176,37 @@ def main(argv=None) -> None:
         print(f"| {row['procs']} | {row['strong_ms_per_step']:.1f} | {row['strong_speedup']:.2f} | "
               f"{row['strong_efficiency']:.2f} ({row['strong_cpu_efficiency']:.2f}) | {row['weak_points_total']:,} | "
               f"{row['weak_ms_per_step']:.1f} | {row['weak_efficiency']:.2f} ({row['weak_cpu_efficiency']:.2f}) |")
+
+
+def _write(path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def accuracy(opts: argparse.Namespace, header: dict) -> None:
+    """One process against two on the same global points: per-step loss difference and final L2."""
+    opts.steps, opts.warmup = opts.accuracy_steps, 1
+    one, two = (launch(p, opts.strong_points, opts, lbfgs_steps=opts.accuracy_lbfgs) for p in (1, 2))
+    rows = []
+    for phase in ("adam", "lbfgs"):
+        a = [x for x, p in zip(one["loss"], one["phase"]) if p == phase]
+        b = [x for x, p in zip(two["loss"], two["phase"]) if p == phase]
+        n = min(len(a), len(b))
+        rel = [abs(x - y) / abs(x) for x, y in zip(a[:n], b[:n])]
+        rows.append({"phase": phase, "records_compared": n, "max_relative_loss_difference": max(rel, default=None),
+                     "median_relative_loss_difference": statistics.median(rel) if rel else None,
+                     "first_10_max": max(rel[:10], default=None)})
+    payload = {"benchmark": "distributed_accuracy", **header, "points": opts.strong_points,
+               "adam_steps": opts.accuracy_steps, "lbfgs_steps": opts.accuracy_lbfgs,
+               "l2_one_process": one["l2"], "l2_two_processes": two["l2"], "l2_ratio": two["l2"] / one["l2"],
+               "ranks_one_process": one["ranks"], "ranks_two_processes": two["ranks"], "rows": rows,
+               "runs": {"1": one, "2": two}}
+    _write(opts.json or HERE / "results" / "distributed_accuracy.json", payload)
+    print(f"final L2: one process {one['l2']:.3e}, two {two['l2']:.3e} (ratio {payload['l2_ratio']:.3f})")
+    for row in rows:
+        print(f"{row['phase']}: {row['records_compared']} records, max relative loss difference "
+              f"{row['max_relative_loss_difference']:.2e} (median {row['median_relative_loss_difference']:.2e})")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     torchrun --nproc_per_node=2 -m pinnsketch solve burgers --out burgers.h5
     torchrun --nproc_per_node=2 train.py          # a script that calls ps.solve(...)
 
-`solve` detects the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) and runs as one rank of a process group (NCCL on CUDA, gloo on the CPU),
-created with a timeout if the caller has not created one.
+`solve` (and `train_classifier`) detect the launcher's environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and run as one rank of a process group (NCCL on CUDA
+with one device per process, gloo on the CPU). The first solve of a process creates the
+group, with `Distributed.timeout_s`, unless the caller created one; later solves use it.
 
 What is sharded, and why the objective is exact. Every rank draws the same global point
 sets from the same seed (`CollocationPoints`), then keeps every `world_size`-th point of
@@ -145,6 +146,7 @@ class Group:
             device = torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
         self.device = device
         self.comm_device = _comm_device()
+        self._checked = 0  # parameter checks done (check_every)
 
     @property
     def main(self) -> bool:
@@ -236,7 +238,7 @@ class Group:
         dist.broadcast(flags, src=0)
         state.stop_phase, state.stop_training = (bool(v) for v in flags.tolist())
         every = self.options.check_every
-        if every and state.step // every > getattr(self, "_checked", 0):
+        if every and state.step // every > self._checked:
             self._checked = state.step // every
             self.check_parameters(params, state.step)
 

@@ -226,6 +226,12 @@ def test_forcing_distributed_without_a_launcher_says_how_to_launch(monkeypatch):
         ps.solve(problems.get("burgers"), distributed=True, **driver.options("exact", 1, 0))
 
 
+def test_distributed_options_in_one_process_run_alone():
+    result = ps.solve(problems.get("burgers"), distributed=ps.Distributed(check_every=1),
+                      **driver.options("exact", 2, 0, points=64))
+    assert "distributed" not in result.config and len(result.history["loss"]) == 2
+
+
 def test_agree_is_the_identity_in_one_process():
     assert agree([1.0, None, 3.0], lowest=[False, False, True]) == [1.0, None, 3.0]
 
