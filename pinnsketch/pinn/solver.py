@@ -355,7 +355,9 @@ class _Run:
             if pts.resample_every and step > 0 and step % pts.resample_every == 0:
                 self.points.resample()
             if isinstance(pts.refine, RAR) and step > 0 and step % pts.refine.every == 0:
-                scores = self.objective.pointwise if self.dist is None else self.dist.gather_rows(self.objective.pointwise)
+                scores = self.objective.pointwise
+                if self.dist is not None:  # each rank scores its block of the candidates; all get all scores
+                    scores = self.dist.gather_rows(scores)
                 added = refine_points(self.points, pts.refine, scores)
                 if added:
                     r = st.history["refine"]

@@ -58,7 +58,8 @@ def _launch(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complete
     proc = subprocess.run(_torchrun(nproc, *args), env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         first = proc.stderr.find("Traceback")
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[max(first, 0):][:6000]}")
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                    f"{proc.stderr[max(first, 0):][:6000]}")
     return proc
 
 
