@@ -12,7 +12,7 @@ The public surface, by name. Subpackages hold the pieces:
 - `pinnsketch.problems`: the PDE library (one module per problem, with references)
 - `pinnsketch.cli`: the `pinnsketch` command line
 
-Layers, lowest first: _version -> sketch -> nn -> training -> monitor -> io, pinn, data -> problems -> cli
+Layers, lowest first: _version -> sketch -> nn -> training -> monitor -> io, pinn, data -> problems -> cli -> __main__
 
 A part imports only itself and the layers before its own; parts of one layer do not import each
 other (`tests/test_layering.py` checks every import, including those inside functions). So run
@@ -34,6 +34,7 @@ from .pinn import (
     Adam,
     Callback,
     Dirichlet,
+    Distributed,
     Field,
     Initial,
     InitialVelocity,
@@ -58,7 +59,7 @@ __all__ = [
     "sketch", "nn", "training", "pinn", "monitor", "io", "data", "geometry",
     # defining and solving a PDE
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
-    "InitialVelocity", "PointData", "solve", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
+    "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
     "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
     # the sketched-layer core
     "MLP", "ResidualMLP", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",

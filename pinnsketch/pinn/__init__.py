@@ -2,6 +2,7 @@
 
 from . import geometry
 from .conditions import Condition, Dirichlet, Initial, InitialVelocity, Neumann, Periodic, PointData, Robin
+from ..training.distributed import Distributed
 from .derivatives import AutogradDerivatives, DerivativeProvider, JetDerivatives
 from .errors import DerivativeNameError, ProblemDefinitionError, TrainingDivergedError
 from .fields import Field
@@ -25,6 +26,7 @@ __all__ = [
     "InitialVelocity",
     "PointData",
     "solve",
+    "Distributed",
     "loss_terms",
     "DEFAULTS",
     "Result",

@@ -80,6 +80,10 @@ class Objective:
         self.condition_terms = _unique(names, taken=self.residual_terms)
         self.term_names = [*self.residual_terms, *self.condition_terms]
         self.weights = self._weights(loss_weights)
+        # multi-process runs (`distributed.Group.shard_sets`): this rank's rows of each point set;
+        # term_scale (n_terms,) is each term's share of its set, so the ranks' terms sum to the global ones
+        self.shard = None
+        self.term_scale: torch.Tensor | None = None
         self._version = -1
 
     # --- set-up -------------------------------------------------------------------------
@@ -127,11 +131,17 @@ class Objective:
             return
         cps = self.points.conditions_points
         parts = [self.points.domain, *(cp.x for cp in cps)]
+        extras = [cp.extras for cp in cps]
+        if self.shard is not None:
+            paired = [False] + [c.kind == "periodic" for c in self.conditions]  # Periodic: n points, then images
+            parts, extras, shares = self.shard(parts, extras, paired)
+            scale = [shares[0]] * len(self.residual_terms) + list(shares[1:])
+            self.term_scale = torch.tensor(scale, dtype=self.dtype, device=self.device)
         self.x_all = self._tensor(np.concatenate(parts))
         self.x_parts = [self._tensor(p) for p in parts]  # the compiled step's inputs (`compiled.py`)
         bounds = np.cumsum([0] + [len(p) for p in parts])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        self.extras = [{k: self._tensor(v) for k, v in cp.extras.items()} for cp in cps]
+        self.extras = [{k: self._tensor(v) for k, v in extra.items()} for extra in extras]
         self._version = self.points.version
 
     # --- evaluation ---------------------------------------------------------------------

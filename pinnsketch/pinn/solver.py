@@ -15,6 +15,7 @@ matrices.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -26,6 +27,7 @@ import torch
 from ..training import Callback, ProgressBar, StepRecord, TrainingState, crossed, train_step
 from .conditions import Condition
 from .derivatives import get_provider
+from ..training.distributed import Distributed, Group, session
 from .errors import ProblemDefinitionError
 from .objective import Objective
 from .options import LBFGS, RAR, Adam, Network, Points
@@ -161,8 +163,9 @@ class _Run:
     """The state of one solve: built once, then driven phase by phase."""
 
     def __init__(self, problem: Problem, o: dict, explicit_storage, callbacks, progress: bool,
-                 compile: bool = False):
+                 compile: bool = False, group: Group | None = None):
         self.problem, self.o = problem, o
+        self.dist = group  # multi-process runs (`pinnsketch.distributed`); None: one process
         self.layout = layout = Layout.of(problem)
         conditions = list(problem.conditions)
         bad = [c for c in conditions if not isinstance(c, Condition)]
@@ -172,6 +175,8 @@ class _Run:
                 "ps.Periodic, ps.Initial, ps.InitialVelocity or ps.PointData"
             )
         self.dtype, self.device = _dtype(o["dtype"]), _device(o["device"])
+        if group is not None:
+            self.device = group.device  # one CUDA device per rank
         if self.device.type == "cpu":
             _settle_cpu_allocator()
         self.generator = torch.Generator().manual_seed(o["seed"])
@@ -186,11 +191,15 @@ class _Run:
         self.points.sample()
         self.objective = Objective(problem, layout, self.network, get_provider(o["derivatives"]), self.points,
                                    self.dtype, self.device, o["loss_weights"])
+        if group is not None:
+            self.objective.shard = group.shard_sets  # each rank evaluates its own rows of every set
         self.evaluator: Evaluator | None = None  # built in run(): references can be costly
         self.loss_source = self._loss_source(compile)
         self._names = ["loss", *self.objective.term_names]  # labels of a step's values in error messages
         adam, lbfgs = o["adam"], o["lbfgs"]
         self.callbacks = _check_callbacks(callbacks)
+        if group is not None and not group.main:
+            self.callbacks, progress = [], False  # rank 0 writes and reports; its stop flags are broadcast
         self.bar = ProgressBar(disable=None if progress else True)
         self.state = TrainingState(
             problem=problem, model=self.network, config=self._config(), max_steps=adam.steps + lbfgs.steps,
@@ -219,6 +228,7 @@ class _Run:
             ],
             "parameters": {k: p.initial for k, p in type(self.problem).parameters().items()},
             "torch_version": torch.__version__,
+            **({} if self.dist is None else {"distributed": self.dist.config()}),
         }
 
     def _loss_source(self, compile: bool):
@@ -235,13 +245,20 @@ class _Run:
 
     # --- one step ------------------------------------------------------------------------
     def _loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted loss and its terms (k,); in a multi-process run this rank's share of each
+        term (the ranks' terms sum to the global ones, `Objective.term_scale`)."""
         terms = self.loss_source.terms()
+        if self.dist is not None:
+            terms = terms * self.objective.term_scale
         return self.objective.total(terms), terms
 
     def _step(self, opt: torch.optim.Optimizer, phase: str, lr: float) -> StepRecord:
         """One optimizer step through `train_step`, metered on the steps `_metered` picks."""
+        reduce = None
+        if self.dist is not None:      # gradients and terms summed over the ranks; checked on the global values
+            reduce = functools.partial(self.dist.reduce_step, params=self.params)
         return train_step(
-            self.network, opt, self._loss, meter=self._metered(), names=self._names,
+            self.network, opt, self._loss, meter=self._metered(), names=self._names, reduce=reduce,
             where=f"step {self.state.step} ({phase})",
             hint=f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
                  "conditions for divisions by zero, logs of negatives or overflow.",
@@ -281,6 +298,8 @@ class _Run:
             st.storage_report = report() if callable(report) else []
         for cb in self._all_callbacks:
             cb.on_step(st)
+        if self.dist is not None:
+            self.dist.after_step(st, self.params)
 
     def _evaluate(self) -> None:
         ev = self.state.history["eval"]
@@ -320,7 +339,10 @@ class _Run:
             if pts.resample_every and step > 0 and step % pts.resample_every == 0:
                 self.points.resample()
             if isinstance(pts.refine, RAR) and step > 0 and step % pts.refine.every == 0:
-                added = refine_points(self.points, pts.refine, self.objective.pointwise)
+                scores = self.objective.pointwise
+                if self.dist is not None:  # each rank scores its block of the candidates; all get all scores
+                    scores = self.dist.gather_rows(scores)
+                added = refine_points(self.points, pts.refine, scores)
                 if added:
                     r = st.history["refine"]
                     r["step"].append(step)
@@ -394,6 +416,11 @@ class _Run:
         st, h = self.state, self.state.history
         report = getattr(self.network, "storage_report", None)
         st.storage_report = report() if callable(report) else []
+        if self.dist is not None:  # memory per rank, and the largest as the run's figure
+            saved, peak = self.dist.gather_ints([st.saved_bytes_peak, st.step_peak_bytes])
+            st.config["distributed"].update(saved_bytes_peak_per_rank=saved, step_peak_bytes_per_rank=peak)
+            st.saved_bytes_peak = max((v for v in saved if v is not None), default=None)
+            st.step_peak_bytes = max((v for v in peak if v is not None), default=None)
         timing: dict[str, float] = {"total_s": st.wall_time_s}
         compile_s = getattr(self.loss_source, "compile_s", None)
         if compile_s is not None:
@@ -465,7 +492,7 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
           loss_weights: Mapping[str, float] | None = None, seed: int | None = None, dtype=None, device=None,
           derivatives: str | None = None, eval_every: int | None = None, eval_points: int | None = None,
           progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None,
-          compile: bool = False) -> Result:
+          compile: bool = False, distributed: Distributed | bool | None = None) -> Result:
     """Train a PINN on `problem` and return a checked `Result`.
 
     Args (all keyword-only; None -> problem.solver_defaults, else `DEFAULTS`):
@@ -487,6 +514,11 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
             MLP/ResidualMLP and jets; other set-ups run eagerly with a warning, and so does a
             failed compilation). The compilation is timed as result.timing["compile_s"],
             outside the step times.
+        distributed: None (default): when launched by torchrun as one of several processes,
+            train as one rank of a process group (points sharded, loss and gradients
+            all-reduced: the objective is the single-process one; see `pinnsketch.distributed`);
+            a ps.Distributed(timeout_s, check_every, backend) sets its options; False: never.
+            Only rank 0 runs `callbacks` and the progress bar; every rank returns the Result.
 
     Raises:
         ProblemDefinitionError (a ValueError) for inconsistent problems,
@@ -497,4 +529,5 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
                  eval_every=eval_every, eval_points=eval_points)
     options = _resolve(problem, given)
     _check_options(options)
-    return _Run(problem, options, storage, callbacks, progress, compile).run(resume)
+    with session(distributed, _device(options["device"])) as group:
+        return _Run(problem, options, storage, callbacks, progress, compile, group).run(resume)
