@@ -34,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 #: --quick: steps per phase for a smoke run that shows the script works (not the tolerances).
-QUICK_STEPS = {"adam": 300, "lbfgs": 50}
+QUICK_STEPS = {"adam": 200, "lbfgs": 20}
 
 #: The training options copied from each run's config into its record (the rest stays under "config").
 OPTION_KEYS = ("network", "adam", "lbfgs", "points", "loss_weights", "dtype", "device", "derivatives", "seed")
