@@ -20,6 +20,14 @@ Measured relative L2 on the evaluation grid (h = 1/64, 12,545 nodes):
 
 so the default reference, Richardson (128, 256) (0.3 s), is accurate to about 2.5e-5 relative
 L2, far below the PINN tolerance. The plain FD solution with 1024 cells per side is 7.9e-5 from it.
+
+PINN with the solver defaults (32 x 4 tanh, 5,000 Adam + 5,000 L-BFGS steps, 6,000 points with
+RAR, float32, exact storage; benchmarks/results/poisson_corner.json): relative L2 4.2e-2 against
+this reference, 0.18 at the end of Adam. The error gathers at the corner: 41% of the squared
+error lies within r < 0.2 (3% of the nodes), the largest, 0.047, at the corner itself. The
+boundary sampler of the CSG difference (deepxde's) also puts about a quarter of the boundary
+points on the removed square's far edges x = 1 and y = 1, outside the L; u = 0 there constrains
+only the network's extension.
 """
 
 from __future__ import annotations
@@ -118,7 +126,8 @@ class PoissonCorner(CachedReference, ps.Problem):
     domain = ps.geometry.Rectangle((-1, -1), (1, 1)) - ps.geometry.Rectangle((0, 0), (1, 1))
     source = 1.0
     conditions = (ps.Dirichlet(0.0),)
-    tolerance = 1e-1  # placeholder until measured
+    # measured 4.2e-2 with the defaults (see the module docstring); 2.4x margin for seeds and storage policies
+    tolerance = 1e-1
 
     def residual(self, x, u):
         return u.xx + u.yy + self.source
