@@ -14,14 +14,16 @@ The public surface, by name. Subpackages hold the pieces:
 from . import data, io, monitor, nn, pinn, sketch
 from .io import RunFileError, load
 from .monitor import GradientMonitor
-from .nn import CNN, MLP, Jet, JetSpec, MemoryMeter, ResidualMLP, make_storage
+from .nn import CNN, MLP, Jet, JetSpec, MemoryMeter, ModifiedMLP, PirateNet, ResidualMLP, make_storage
 from .pinn import (
     LBFGS,
     RAR,
     Adam,
     Callback,
     Dirichlet,
+    Factorized,
     Field,
+    Fourier,
     Initial,
     InitialVelocity,
     Network,
@@ -45,10 +47,10 @@ __all__ = [
     "sketch", "nn", "pinn", "monitor", "io", "data", "geometry",
     # defining and solving a PDE
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
-    "InitialVelocity", "PointData", "solve", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
+    "InitialVelocity", "PointData", "solve", "Result", "Network", "Fourier", "Factorized", "Adam", "LBFGS", "Points", "RAR",
     "Callback", "TrainingState",
     # the sketched-layer core
-    "MLP", "ResidualMLP", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
+    "MLP", "ResidualMLP", "ModifiedMLP", "PirateNet", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring
     "load", "RunFileError", "GradientMonitor",
 ]
