@@ -107,12 +107,6 @@ class _GatedNetwork(_BlockNetwork):
         """(in, out) of every block, U and V first, the output block last."""
         raise NotImplementedError
 
-    @property
-    def init_kwargs(self) -> dict:
-        """JSON-able constructor arguments (storage aside) that rebuild this network."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "width": self.width,
-                "depth": self.depth, "activation": self.activation.name, **self._options}
-
     def _op(self, kind: str, spec: JetSpec, *tensors: torch.Tensor) -> torch.Tensor:
         return _Recomputed.apply(_JetOp(kind, self.activation, spec), *tensors)
 

@@ -96,6 +96,14 @@ class _BlockNetwork(torch.nn.Module):
         self.factorized = None if factorized is None else tuple(factorized)
         return in_features if self.embedding is None else self.embedding.out_features
 
+    @property
+    def init_kwargs(self) -> dict | None:
+        """JSON-able constructor arguments (storage aside) that rebuild this network (None: not recorded)."""
+        if "_options" not in vars(self):
+            return None
+        return {"in_features": self.in_features, "out_features": self.out_features, "width": self.width,
+                "depth": self.depth, "activation": self.activation.name, **self._options}
+
     def _embed(self, z: torch.Tensor, spec: JetSpec) -> torch.Tensor:
         """Input streams (S, N, d) -> the first block's input streams."""
         return z if self.embedding is None else self.embedding.jet(z, spec)
@@ -220,11 +228,6 @@ class MLP(_BlockNetwork):
         )
         self._value_spec = JetSpec(in_features)
 
-    @property
-    def init_kwargs(self) -> dict:
-        """JSON-able constructor arguments (storage aside) that rebuild this network."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "width": self.width,
-                "depth": self.depth, "activation": self.activation.name, **self._options}
 
     @staticmethod
     def _hidden_maps(depth: int) -> int:

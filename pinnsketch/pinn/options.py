@@ -356,6 +356,9 @@ class Network:
                 raise TypeError(f"Network {name}={value!r} must be a ps.{cls.__name__}(...), True or None")
             object.__setattr__(self, name, value)
         _positive_int(self.harmonics, "Network harmonics")
+        if self.harmonics != 1 and self.periodic is None:
+            raise ValueError(f"Network harmonics={self.harmonics} applies to the periodic embedding; "
+                             "pass periodic={input name: period} as well, or leave harmonics at 1")
         if self.periodic is not None:
             if not isinstance(self.periodic, dict) or not self.periodic:
                 raise TypeError(f"Network periodic={self.periodic!r} must be a non-empty dict "

@@ -221,6 +221,7 @@ def test_gated_networks_save_less_under_lowrank():
     (dict(periodic={}), "non-empty"),
     (dict(fourier=3), "ps.Fourier"),
     (dict(harmonics=0), "harmonics"),
+    (dict(harmonics=3), "periodic="),
 ])
 def test_network_option_errors(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
