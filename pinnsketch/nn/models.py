@@ -77,7 +77,8 @@ class _BlockNetwork(torch.nn.Module):
 
     def _input_options(self, in_features: int, fourier, periodic, harmonics: int, factorized, gen,
                        dtype, device) -> int:
-        """Set up the input embedding and record the network options; returns the embedded width."""
+        """Set up the input embedding (drawn from `gen` before the blocks) and record the options
+        (`init_kwargs`); returns the width of the first block's input."""
         axes = periodic_axes(periodic, None, in_features) if periodic else None
         factorized = None if factorized is None else _factorization(factorized)
         self.embedding: Embedding | None = None
@@ -215,7 +216,6 @@ class MLP(_BlockNetwork):
         self.activation = get_activation(activation)
         gen, storage_seed = _generator_and_seed(seed)
         first = self._input_options(in_features, fourier, periodic, harmonics, factorized, gen, dtype, device)
-        factorized = self.factorized
         sizes = [first] + [width] * self._hidden_maps(depth) + [out_features]
         n_blocks = len(sizes) - 1
         policies = make_storages(storage, n_blocks, storage_seed)
@@ -223,11 +223,10 @@ class MLP(_BlockNetwork):
         self.blocks = torch.nn.ModuleList(
             DenseBlock(sizes[i], sizes[i + 1], "identity" if i == 0 else self.activation, policies[i],
                        init=init, generator=gen, dtype=dtype, device=device, chunk_bytes=chunk_bytes,
-                       factorized=factorized)
+                       factorized=self.factorized)
             for i in range(n_blocks)
         )
         self._value_spec = JetSpec(in_features)
-
 
     @staticmethod
     def _hidden_maps(depth: int) -> int:
