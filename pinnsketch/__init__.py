@@ -26,7 +26,7 @@ from . import data, io, monitor, nn, pinn, sketch, training
 from .io import RunFileError, load
 from .io import save_result as save
 from .monitor import GradientMonitor
-from .nn import CNN, MLP, Jet, JetSpec, MemoryMeter, ResidualMLP, make_storage
+from .nn import CNN, MLP, Jet, JetSpec, MemoryMeter, ModifiedMLP, PirateNet, ResidualMLP, make_storage
 from .training import EarlyStopping, TrainingDivergedError
 from .pinn import (
     LBFGS,
@@ -35,7 +35,9 @@ from .pinn import (
     Callback,
     Dirichlet,
     Distributed,
+    Factorized,
     Field,
+    Fourier,
     Initial,
     InitialVelocity,
     Network,
@@ -59,10 +61,10 @@ __all__ = [
     "sketch", "nn", "training", "pinn", "monitor", "io", "data", "geometry",
     # defining and solving a PDE
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
-    "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
-    "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
+    "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Fourier", "Factorized", "Adam",
+    "LBFGS", "Points", "RAR", "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
     # the sketched-layer core
-    "MLP", "ResidualMLP", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
+    "MLP", "ResidualMLP", "ModifiedMLP", "PirateNet", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring
     "load", "save", "RunFileError", "GradientMonitor",
 ]

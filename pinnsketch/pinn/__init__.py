@@ -6,7 +6,7 @@ from ..training.distributed import Distributed
 from .derivatives import AutogradDerivatives, DerivativeProvider, JetDerivatives
 from .errors import DerivativeNameError, ProblemDefinitionError, TrainingDivergedError
 from .fields import Field
-from .options import LBFGS, RAR, Adam, Constant, Cosine, Exponential, Network, Points, Schedule
+from .options import LBFGS, RAR, Adam, Constant, Cosine, Exponential, Factorized, Fourier, Network, Points, Schedule
 from .problem import Parameter, Problem
 from .result import Result
 from .solver import DEFAULTS, loss_terms, solve
@@ -31,6 +31,8 @@ __all__ = [
     "DEFAULTS",
     "Result",
     "Network",
+    "Fourier",
+    "Factorized",
     "Adam",
     "LBFGS",
     "Points",

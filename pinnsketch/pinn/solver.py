@@ -111,7 +111,8 @@ def _build_network(o, explicit_storage, layout: Layout, generator, dtype, device
     network, n_in, n_out = o["network"], layout.dim, len(layout.output_names)
     if isinstance(network, Network):
         # initialize on the CPU (the run's generator lives there), then move
-        return network.build(n_in, n_out, o["storage"], generator, dtype, torch.device("cpu")).to(device)
+        return network.build(n_in, n_out, o["storage"], generator, dtype, torch.device("cpu"),
+                             input_names=layout.input_names).to(device)
     if isinstance(network, torch.nn.Module):
         if explicit_storage is not None:
             raise ValueError(
