@@ -277,7 +277,7 @@ def test_solve_save_load_predict(name, storage, tmp_path):
     assert all(math.isfinite(v) for v in result.history["loss"])
     assert result.config["network"] == NETWORKS[name].config()
     path = tmp_path / "run.h5"
-    result.save(path)
+    ps.save(result, path)
     run = ps.load(path)
     x = torch.rand(20, 2, dtype=torch.float64).numpy() * [2, 1] - [1, 0]
     with torch.no_grad():
