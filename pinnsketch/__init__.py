@@ -19,9 +19,12 @@ from .pinn import (
     LBFGS,
     RAR,
     Adam,
+    SOAP,
     Callback,
+    Causal,
     Dirichlet,
     Field,
+    GradNormWeights,
     Initial,
     InitialVelocity,
     Network,
@@ -34,6 +37,7 @@ from .pinn import (
     Result,
     Robin,
     TrainingState,
+    WarmupExponential,
     geometry,
     solve,
 )
@@ -47,6 +51,8 @@ __all__ = [
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
     "InitialVelocity", "PointData", "solve", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
     "Callback", "TrainingState",
+    # training options
+    "GradNormWeights", "Causal", "SOAP", "WarmupExponential",
     # the sketched-layer core
     "MLP", "ResidualMLP", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring

@@ -6,10 +6,13 @@ from .conditions import Condition, Dirichlet, Initial, InitialVelocity, Neumann,
 from .derivatives import AutogradDerivatives, DerivativeProvider, JetDerivatives
 from .errors import DerivativeNameError, ProblemDefinitionError, TrainingDivergedError
 from .fields import Field
-from .options import LBFGS, RAR, Adam, Constant, Cosine, Exponential, Network, Points, Schedule
+from .causal import Causal
+from .options import (LBFGS, RAR, SOAP, Adam, Constant, Cosine, Exponential, Network, Points, Schedule,
+                      WarmupExponential)
 from .problem import Parameter, Problem
 from .result import Result
 from .solver import DEFAULTS, loss_terms, solve
+from .weighting import GradNormWeights
 
 __all__ = [
     "geometry",
@@ -31,12 +34,16 @@ __all__ = [
     "Network",
     "Adam",
     "LBFGS",
+    "SOAP",
+    "GradNormWeights",
+    "Causal",
     "Points",
     "RAR",
     "Schedule",
     "Constant",
     "Cosine",
     "Exponential",
+    "WarmupExponential",
     "Callback",
     "TrainingState",
     "EarlyStopping",
