@@ -78,6 +78,7 @@ def run_row(problem: str, name: str, storage: str, cap: float, quick: bool) -> d
     if quick:
         options.setdefault("adam", ps.Adam(steps=20))
         options["lbfgs"] = ps.LBFGS(steps=5)
+        options["points"] = ps.Points(domain=500, boundary=50, initial=50)
     limit = TimeLimit(cap)
     t0 = time.perf_counter()
     result = ps.solve(problems.get(problem), storage=storage, progress=False, callbacks=[limit], **options)
