@@ -12,8 +12,11 @@ so a later time counts only once the earlier times are resolved. Each
 residual term's loss becomes mean_k(w_k L_k^term) over the non-empty chunks
 (the plain mean square when every w_k = 1 and the chunks hold equal counts).
 The smallest weight tells how far causality has let training reach: near 1
-all times train, near 0 the late times wait. Time-window marching is not
-implemented.
+all times train, near 0 the late times wait. During Adam the weights follow
+every loss evaluation; during L-BFGS they are computed at the first evaluation
+of each L-BFGS step and held for its iterations and line searches (`hold`),
+since weights that move between evaluations break the line search and the
+curvature pairs. Time-window marching is not implemented.
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ class CausalWeights:
     def __init__(self, option: Causal, t0: float, t1: float, time_axis: int):
         self.option, self.t0, self.t1, self.time_axis = option, float(t0), float(t1), time_axis
         self.weights: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None  # weights fixed by `hold()` for the following evaluations
+        self._holding = False
+
+    def hold(self) -> None:
+        """Fix the weights at the next evaluation's values until `release()` or the next `hold()`."""
+        self._holding, self.held = True, None
+
+    def release(self) -> None:
+        """Let the weights follow every evaluation again."""
+        self._holding, self.held = False, None
 
     def chunk_index(self, x: torch.Tensor) -> torch.Tensor:
         """Chunk of each point of x (N, d), (N,) int64 in [0, M)."""
@@ -76,7 +89,12 @@ class CausalWeights:
         safe = counts.clamp(min=1)
         chunk = [torch.zeros(m, dtype=r.dtype, device=r.device).index_add(0, index, r.square()) / safe
                  for r in residuals]
-        w = causal_weights(torch.stack(chunk).sum(0), self.option.tol)
+        if self._holding and self.held is not None:
+            w = self.held
+        else:
+            w = causal_weights(torch.stack(chunk).sum(0), self.option.tol)
+            if self._holding:
+                self.held = w
         self.weights = torch.where(filled, w, torch.full_like(w, float("nan")))
         n = filled.sum()
         return [(w * c).sum() / n for c in chunk]

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..nn.jet import JetSpec
-from .conditions import Condition, as_column
 from .causal import CausalWeights
+from .conditions import Condition, as_column
 from .derivatives import DerivativeProvider, discover_fields, fields_of
 from .errors import ProblemDefinitionError
 from .problem import Layout, Problem

@@ -414,6 +414,8 @@ class _Run:
                     first.append(values)
                 return loss
 
+            if self.objective.causal is not None:
+                self.objective.causal.hold()  # one objective per L-BFGS step (`causal.py`)
             meter = _meter(self._metered())
             before = opt.state[self.params[0]].get("n_iter", 0)
             evals = opt.state[self.params[0]].get("func_evals", 0)
@@ -456,6 +458,8 @@ class _Run:
             self.adam()
             st.stop_phase = False
             self.lbfgs()
+            if self.objective.causal is not None:
+                self.objective.causal.release()
             self._evaluate()
             result = self._result()
             for cb in self._all_callbacks:

@@ -167,6 +167,22 @@ def test_solve_with_causal_records_min_weight(storage):
     assert result.history["terms"]["initial_u"][0] == plain.history["terms"]["initial_u"][0]
 
 
+def test_causal_weights_held_during_an_lbfgs_step():
+    cw = CausalWeights(ps.Causal(chunks=2, tol=1.0), t0=0.0, t1=1.0, time_axis=0)
+    x = torch.tensor([[0.25], [0.75]])
+    cw.hold()
+    cw.reduce(x, [torch.tensor([1.0, 1.0])])
+    (loss,) = cw.reduce(x, [torch.tensor([2.0, 1.0])])  # held: still exp(-1) for chunk 1, not exp(-4)
+    assert loss.item() == pytest.approx((4 + math.exp(-1)) / 2)
+    cw.release()
+    (loss,) = cw.reduce(x, [torch.tensor([2.0, 1.0])])
+    assert loss.item() == pytest.approx((4 + math.exp(-4)) / 2)
+    result = ps.solve(Decay(), adam=ps.Adam(steps=2), causal=ps.Causal(chunks=4, tol=5.0),
+                      **{**SMALL, "lbfgs": ps.LBFGS(steps=10, max_iter=5)})
+    assert result.history["lbfgs_stop"]["reason"] == "step budget"
+    assert len(result.history["causal"]["min_weight"]) == len(result.history["step"])
+
+
 def test_causal_needs_time_and_validates():
     with pytest.raises(ValueError, match="time-dependent"):
         ps.solve(Multiples(), causal=ps.Causal(), **SMALL)
