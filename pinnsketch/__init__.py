@@ -32,12 +32,15 @@ from .pinn import (
     LBFGS,
     RAR,
     Adam,
+    SOAP,
     Callback,
+    Causal,
     Dirichlet,
     Distributed,
     Factorized,
     Field,
     Fourier,
+    GradNormWeights,
     Initial,
     InitialVelocity,
     Network,
@@ -50,6 +53,7 @@ from .pinn import (
     Result,
     Robin,
     TrainingState,
+    WarmupExponential,
     geometry,
     solve,
 )
@@ -63,6 +67,8 @@ __all__ = [
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
     "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Fourier", "Factorized", "Adam",
     "LBFGS", "Points", "RAR", "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
+    # training options
+    "GradNormWeights", "Causal", "SOAP", "WarmupExponential",
     # the sketched-layer core
     "MLP", "ResidualMLP", "ModifiedMLP", "PirateNet", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring

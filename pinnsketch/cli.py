@@ -165,7 +165,9 @@ def solve_options_from_config(config: dict) -> dict:
     with ``pinnsketch.data.bench.parse_storage(spec, defaults={})``). Raises ValueError when the run
     cannot be rebuilt from its record (own network module, storage options not recorded).
     """
-    from .pinn.options import LBFGS, RAR, SCHEDULES, Adam, Network, Points
+    from .pinn.causal import Causal
+    from .pinn.options import LBFGS, RAR, SCHEDULES, SOAP, Adam, Network, Points
+    from .pinn.weighting import GradNormWeights
 
     missing = [k for k in ("problem", "network", "storage", "adam", "lbfgs", "points", "seed") if k not in config]
     if missing:
@@ -182,11 +184,16 @@ def solve_options_from_config(config: dict) -> dict:
     schedule = dict(adam.pop("schedule"))
     adam["schedule"] = SCHEDULES[schedule.pop("name")](**schedule)
     adam["betas"] = tuple(adam["betas"])
+    first = SOAP if adam.pop("optimizer", "adam") == "soap" else Adam
     points = dict(config["points"])
     points["refine"] = None if points.get("refine") is None else RAR(**points["refine"])
-    options = {"network": Network(**network), "storage": config["storage"], "adam": Adam(**adam),
+    options = {"network": Network(**network), "storage": config["storage"], "adam": first(**adam),
                "lbfgs": LBFGS(**config["lbfgs"]), "points": Points(**points), "seed": config["seed"],
                "loss_weights": config.get("loss_weights")}
+    for key, cls in (("balance", GradNormWeights), ("causal", Causal)):
+        recorded_option = dict(config.get(key) or {})
+        recorded_option.pop("name", None)
+        options[key] = cls(**recorded_option) if config.get(key) else None
     for key in ("dtype", "device", "derivatives", "eval_every", "eval_points"):
         if config.get(key) is not None:
             options[key] = config[key]

@@ -23,12 +23,14 @@ __all__ = [
     "Factorized",
     "Adam",
     "LBFGS",
+    "SOAP",
     "Points",
     "RAR",
     "Schedule",
     "Constant",
     "Cosine",
     "Exponential",
+    "WarmupExponential",
     "SCHEDULES",
 ]
 
@@ -101,7 +103,32 @@ class Exponential(Schedule):
         return self.rate ** (step / self.every)
 
 
-SCHEDULES: dict[str, type[Schedule]] = {"constant": Constant, "cosine": Cosine, "exponential": Exponential}
+@dataclass(frozen=True)
+class WarmupExponential(Schedule):
+    """Linear warm-up over `warmup` steps, then `decay_rate ** ((step - warmup) / decay_steps)`.
+
+    The warm-up factor is (step + 1) / warmup, so no step runs at lr 0; warmup=0 skips it.
+    (Wang et al. 2023, "An expert's guide to training PINNs": warm-up, then exponential decay.)
+    """
+
+    warmup: int = 1_000
+    decay_rate: float = 0.9
+    decay_steps: int = 2_000
+
+    def __post_init__(self):
+        _positive_int(self.warmup, "WarmupExponential warmup", allow_zero=True)
+        if not 0 < self.decay_rate <= 1:
+            raise ValueError(f"WarmupExponential decay_rate={self.decay_rate!r} must be in (0, 1]")
+        _positive_int(self.decay_steps, "WarmupExponential decay_steps")
+
+    def __call__(self, step, total):
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return self.decay_rate ** ((step - self.warmup) / self.decay_steps)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {"constant": Constant, "cosine": Cosine, "exponential": Exponential,
+                                        "warmupexponential": WarmupExponential}
 
 
 def _schedule(schedule) -> Schedule:
@@ -113,7 +140,8 @@ def _schedule(schedule) -> Schedule:
         return SCHEDULES[schedule]()
     raise ValueError(
         f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a Schedule "
-        "(ps.Constant(), ps.Cosine(final=...), ps.Exponential(rate=..., every=...))"
+        "(ps.Constant(), ps.Cosine(final=...), ps.Exponential(rate=..., every=...), "
+        "ps.WarmupExponential(warmup=..., decay_rate=..., decay_steps=...))"
     )
 
 
@@ -145,6 +173,30 @@ class Adam:
 
     def config(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "schedule": self.schedule.config(), "betas": list(self.betas)}
+
+
+@dataclass(frozen=True)
+class SOAP(Adam):
+    """First phase with SOAP (Adam in Shampoo's eigenbasis, `optimizers.py`) instead of Adam.
+
+    Pass it as `adam=ps.SOAP(...)`: the same steps, schedule, resampling and refinement
+    as Adam; `precondition_every` steps between eigenbasis refreshes.
+    """
+
+    betas: tuple[float, float] = (0.95, 0.95)
+    precondition_every: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int(self.precondition_every, "SOAP precondition_every")
+
+    def build(self, params) -> torch.optim.Optimizer:
+        from .optimizers import SOAPOptimizer
+
+        return SOAPOptimizer(list(params), lr=self.lr, betas=self.betas, precondition_every=self.precondition_every)
+
+    def config(self) -> dict:
+        return {**super().config(), "optimizer": "soap", "precondition_every": self.precondition_every}
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def test_cli_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
     assert config["distributed"]["world_size"] == 2
 
     # another number of ranks: the checkpoint holds the global state, so one process continues it
-    from pinnsketch.io.commands import solve_options_from_config
+    from pinnsketch.cli import solve_options_from_config
 
     options = solve_options_from_config(config)
     options["adam"] = ps.Adam(**{**config["adam"], "schedule": options["adam"].schedule, "steps": step + 5,
