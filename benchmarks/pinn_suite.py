@@ -5,15 +5,17 @@ settings, and what do sketched activations (`lowrank`) cost in accuracy and
 save in memory against `exact`, on the same seed?
 
 For each problem (`pinnsketch problems`) and storage policy, one `solve` with the
-problem's defaults; recorded: relative L2 error against the reference, the
-problem's tolerance and whether it was met, wall time, ms per Adam / L-BFGS
-step, peak bytes autograd saved for backward (MemoryMeter), and lowrank's
-error and memory relative to exact. Results go to benchmarks/results/pinn_suite.json
-and a Markdown table is printed.
+problem's defaults. Each record holds what ran and what came out: the network
+(`Network.config()`), the training options (Adam, L-BFGS, points, loss weights),
+steps done, wall time, ms per Adam / L-BFGS step, relative L2 error against the
+reference, the problem's tolerance and whether it was met, peak bytes autograd saved
+for backward and the step's peak live bytes (MemoryMeter), and on lowrank records
+the error and memory ratios to exact. Results go to benchmarks/results/pinn_suite.json
+(with the command, commit, torch version and CPU model) and a Markdown table is printed.
 
-    OMP_NUM_THREADS=2 python benchmarks/pinn_suite.py                      # full defaults (long on CPU)
-    python benchmarks/pinn_suite.py --problems burgers heat --device cuda
-    python benchmarks/pinn_suite.py --steps 500 --lbfgs-steps 100          # quick smoke run
+    OMP_NUM_THREADS=1 python benchmarks/pinn_suite.py                      # full defaults (hours on CPU)
+    python benchmarks/pinn_suite.py --problems burgers,heat --device cuda
+    python benchmarks/pinn_suite.py --problems heat,poisson_corner --quick --out /tmp/suite.json   # smoke run
 """
 
 from __future__ import annotations
@@ -31,8 +33,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
+#: --quick: steps per phase for a smoke run that shows the script works (not the tolerances).
+QUICK_STEPS = {"adam": 200, "lbfgs": 20}
+
+#: The training options copied from each run's config into its record (the rest stays under "config").
+OPTION_KEYS = ("network", "adam", "lbfgs", "points", "loss_weights", "dtype", "device", "derivatives", "seed")
+
 
 def run_one(name: str, storage: str, opts) -> dict:
+    """One default solve of problem `name` under `storage`, as a JSON-able record."""
     from pinnsketch import problems
     from pinnsketch.pinn.solver import problem_defaults, solve
 
@@ -61,10 +70,24 @@ def run_one(name: str, storage: str, opts) -> dict:
         adam_ms_per_step=result.timing["adam_ms_per_step"],
         lbfgs_ms_per_step=result.timing["lbfgs_ms_per_step"],
         saved_bytes_peak=result.saved_bytes_peak,
+        step_peak_bytes=result.step_peak_bytes,
         parameters=result.parameters,
+        options={key: result.config.get(key) for key in OPTION_KEYS},
         config=result.config,
     )
     return record
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Give each lowrank record its error and memory relative to exact's on the same problem (None if unknown)."""
+    exact = {r["problem"]: r for r in records if r["storage"] == "exact"}
+    for r in records:
+        if r["storage"] != "lowrank":
+            continue
+        e = exact.get(r["problem"], {})
+        for key, ratio_key in (("l2_relative_error", "l2_ratio_to_exact"), ("saved_bytes_peak", "saved_ratio_to_exact"),
+                               ("step_peak_bytes", "step_peak_ratio_to_exact")):
+            r[ratio_key] = r[key] / e[key] if e.get(key) and r.get(key) is not None else None
 
 
 def _fmt(value, spec: str) -> str:
@@ -73,71 +96,99 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def _mib(value) -> str:
+    return _fmt(None if value is None else value / 2**20, ".2f")
+
+
 def table(records: list[dict]) -> str:
-    """Markdown: one row per problem, exact and lowrank side by side."""
+    """Markdown: one row per problem, each storage's steps, error, time and memory side by side."""
     by = {(r["problem"], r["storage"]): r for r in records}
     names = sorted({r["problem"] for r in records})
     storages = list(dict.fromkeys(r["storage"] for r in records))
-    head = ["problem", "tol"]
+    head = ["problem", "tol", "network", "steps Adam+L-BFGS"]
     for s in storages:
-        head += [f"L2 {s}", f"time {s} (s)", f"saved {s} (MiB)"]
-    if {"exact", "lowrank"} <= set(storages):
-        head += ["L2 lowrank/exact", "memory lowrank/exact"]
+        head += [f"L2 {s}", f"time {s} (s)", f"saved {s} (MiB)", f"step peak {s} (MiB)"]
+    both = {"exact", "lowrank"} <= set(storages)
+    if both:
+        head += ["L2 lowrank/exact", "saved lowrank/exact"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
-        row = [name, _fmt(next((by[(name, s)]["tolerance"] for s in storages if (name, s) in by), None), "g")]
+        first = next(by[(name, s)] for s in storages if (name, s) in by)
+        net = (first.get("options") or {}).get("network") or {}
+        arch = f"{net['width']}x{net['depth']} {net['activation']}" if {"width", "depth", "activation"} <= set(net) else "-"
+        steps = "/".join(dict.fromkeys(
+            f"{by[(name, s)]['adam_steps']}+{by[(name, s)]['lbfgs_steps']}" for s in storages
+            if "adam_steps" in by.get((name, s), {})
+        )) or "-"
+        row = [name, _fmt(first.get("tolerance"), "g"), arch, steps]
         for s in storages:
             r = by.get((name, s), {})
             if "error" in r:
-                row += [f"error: {r['error'][:40]}", _fmt(r.get("wall_s"), ".0f"), "-"]
+                row += [f"error: {r['error'][:40]}", _fmt(r.get("wall_s"), ".0f"), "-", "-"]
                 continue
             mark = "" if r.get("passed") in (None, True) else " (miss)"
-            saved = r.get("saved_bytes_peak")
             row += [_fmt(r.get("l2_relative_error"), ".2e") + mark, _fmt(r.get("wall_s"), ".0f"),
-                    _fmt(None if saved is None else saved / 2**20, ".2f")]
-        if {"exact", "lowrank"} <= set(storages):
-            e, lr = by.get((name, "exact"), {}), by.get((name, "lowrank"), {})
-            ratio = mem = None
-            if e.get("l2_relative_error") and lr.get("l2_relative_error") is not None:
-                ratio = lr["l2_relative_error"] / e["l2_relative_error"]
-            if e.get("saved_bytes_peak") and lr.get("saved_bytes_peak") is not None:
-                mem = lr["saved_bytes_peak"] / e["saved_bytes_peak"]
-            row += [_fmt(ratio, ".2f"), _fmt(mem, ".2f")]
+                    _mib(r.get("saved_bytes_peak")), _mib(r.get("step_peak_bytes"))]
+        if both:
+            lr = by.get((name, "lowrank"), {})
+            row += [_fmt(lr.get("l2_ratio_to_exact"), ".2f"), _fmt(lr.get("saved_ratio_to_exact"), ".2f")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """--problems as given: space- and/or comma-separated names."""
+    if values is None:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
 def main(argv=None) -> int:
     from pinnsketch import problems
 
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cli.add_argument("--problems", nargs="+", default=None, metavar="NAME", help="default: the whole library")
+    cli.add_argument("--problems", nargs="+", default=None, metavar="NAME",
+                     help="problems to run, e.g. burgers,heat or burgers heat (default: the whole library)")
     cli.add_argument("--storages", nargs="+", default=["exact", "lowrank"], metavar="POLICY")
+    cli.add_argument("--quick", action="store_true",
+                     help=f"smoke run: {QUICK_STEPS['adam']} Adam + {QUICK_STEPS['lbfgs']} L-BFGS steps per "
+                          "problem (the tolerances are for the defaults, so expect misses)")
     cli.add_argument("--steps", type=int, default=None, help="override every problem's Adam steps")
     cli.add_argument("--lbfgs-steps", type=int, default=None, help="override every problem's L-BFGS steps")
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--device", default="auto")
     cli.add_argument("--out", default=str(HERE / "results" / "pinn_suite.json"))
     opts = cli.parse_args(argv)
-    names = opts.problems or problems.names()
+    for flag, value in (("--steps", opts.steps), ("--lbfgs-steps", opts.lbfgs_steps)):
+        if value is not None and value < 0:
+            cli.error(f"{flag} {value} must be >= 0 (0 skips the phase)")
+    if opts.quick:
+        opts.steps = QUICK_STEPS["adam"] if opts.steps is None else opts.steps
+        opts.lbfgs_steps = QUICK_STEPS["lbfgs"] if opts.lbfgs_steps is None else opts.lbfgs_steps
+    names = _names(opts.problems) or problems.names()
     unknown = sorted(set(names) - set(problems.names()))
     if unknown:
         cli.error(f"unknown problems {unknown}; choose from {problems.names()}")
 
-    from pinnsketch.data.bench import git_commit, jsonable
+    from pinnsketch.data.bench import cpu_model, git_commit, jsonable
 
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "pinn_suite",
         "command": "python benchmarks/pinn_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "budget": "quick" if opts.quick else ("each problem's defaults" if opts.steps is None and opts.lbfgs_steps is None
+                                              else f"Adam {opts.steps}, L-BFGS {opts.lbfgs_steps} (overrides)"),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "machine": platform.machine(), "commit": git_commit(), "records": [],
+        "machine": platform.machine(), "cpu": cpu_model(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "commit": git_commit(), "records": [],
     }
     for name in names:
         for storage in opts.storages:
             record = run_one(name, storage, opts)
             payload["records"].append(record)
+            add_ratios(payload["records"])
             l2 = record.get("l2_relative_error")
             print(f"{name:20s} {storage:10s} L2 {_fmt(l2, '.3e'):>10s}  {record['wall_s']:7.1f} s"
                   + (f"  {record['error']}" if "error" in record else ""), file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ The public surface, by name. Subpackages hold the pieces:
 - `pinnsketch.problems`: the PDE library (one module per problem, with references)
 - `pinnsketch.cli`: the `pinnsketch` command line
 
-Layers, lowest first: _version -> sketch -> nn -> training -> monitor -> io, pinn, data -> problems -> cli
+Layers, lowest first: _version -> sketch -> nn -> training -> monitor -> io, pinn, data -> problems -> cli -> __main__
 
 A part imports only itself and the layers before its own; parts of one layer do not import each
 other (`tests/test_layering.py` checks every import, including those inside functions). So run
@@ -26,15 +26,21 @@ from . import data, io, monitor, nn, pinn, sketch, training
 from .io import RunFileError, load
 from .io import save_result as save
 from .monitor import GradientMonitor
-from .nn import CNN, MLP, Jet, JetSpec, MemoryMeter, ResidualMLP, make_storage
+from .nn import CNN, MLP, Jet, JetSpec, MemoryMeter, ModifiedMLP, PirateNet, ResidualMLP, make_storage
 from .training import EarlyStopping, TrainingDivergedError
 from .pinn import (
     LBFGS,
     RAR,
     Adam,
+    SOAP,
     Callback,
+    Causal,
     Dirichlet,
+    Distributed,
+    Factorized,
     Field,
+    Fourier,
+    GradNormWeights,
     Initial,
     InitialVelocity,
     Network,
@@ -47,6 +53,7 @@ from .pinn import (
     Result,
     Robin,
     TrainingState,
+    WarmupExponential,
     geometry,
     solve,
 )
@@ -58,10 +65,12 @@ __all__ = [
     "sketch", "nn", "training", "pinn", "monitor", "io", "data", "geometry",
     # defining and solving a PDE
     "Problem", "Parameter", "Field", "Dirichlet", "Neumann", "Robin", "Periodic", "Initial",
-    "InitialVelocity", "PointData", "solve", "Result", "Network", "Adam", "LBFGS", "Points", "RAR",
-    "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
+    "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Fourier", "Factorized", "Adam",
+    "LBFGS", "Points", "RAR", "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
+    # training options
+    "GradNormWeights", "Causal", "SOAP", "WarmupExponential",
     # the sketched-layer core
-    "MLP", "ResidualMLP", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
+    "MLP", "ResidualMLP", "ModifiedMLP", "PirateNet", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring
     "load", "save", "RunFileError", "GradientMonitor",
 ]

@@ -97,8 +97,26 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     add_run_file_arguments(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the loss with torch.compile (pays for --storage exact; see solve(compile=))")
+    add_distributed_arguments(p)
     p.set_defaults(func=solve_command)
     return p
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of runs launched by torchrun as several processes (ignored in one process)."""
+    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                        help="under torchrun: seconds a collective waits for the other ranks before the job fails "
+                             "(default 300)")
+    parser.add_argument("--dist-check-every", type=int, default=0, metavar="N",
+                        help="under torchrun: every N steps check that all ranks hold the same parameters "
+                             "(debugging; default 0 = never)")
+
+
+def distributed_options(args: argparse.Namespace):
+    """The `ps.Distributed` options of --dist-timeout / --dist-check-every."""
+    from .training.distributed import Distributed
+
+    return Distributed(timeout_s=args.dist_timeout, check_every=args.dist_check_every)
 
 
 # Flags that change what a run computes (refused with --resume: the file fixes them).
@@ -147,7 +165,9 @@ def solve_options_from_config(config: dict) -> dict:
     with ``pinnsketch.data.bench.parse_storage(spec, defaults={})``). Raises ValueError when the run
     cannot be rebuilt from its record (own network module, storage options not recorded).
     """
-    from .pinn.options import LBFGS, RAR, SCHEDULES, Adam, Network, Points
+    from .pinn.causal import Causal
+    from .pinn.options import LBFGS, RAR, SCHEDULES, SOAP, Adam, Network, Points
+    from .pinn.weighting import GradNormWeights
 
     missing = [k for k in ("problem", "network", "storage", "adam", "lbfgs", "points", "seed") if k not in config]
     if missing:
@@ -164,11 +184,16 @@ def solve_options_from_config(config: dict) -> dict:
     schedule = dict(adam.pop("schedule"))
     adam["schedule"] = SCHEDULES[schedule.pop("name")](**schedule)
     adam["betas"] = tuple(adam["betas"])
+    first = SOAP if adam.pop("optimizer", "adam") == "soap" else Adam
     points = dict(config["points"])
     points["refine"] = None if points.get("refine") is None else RAR(**points["refine"])
-    options = {"network": Network(**network), "storage": config["storage"], "adam": Adam(**adam),
+    options = {"network": Network(**network), "storage": config["storage"], "adam": first(**adam),
                "lbfgs": LBFGS(**config["lbfgs"]), "points": Points(**points), "seed": config["seed"],
                "loss_weights": config.get("loss_weights")}
+    for key, cls in (("balance", GradNormWeights), ("causal", Causal)):
+        recorded_option = dict(config.get(key) or {})
+        recorded_option.pop("name", None)
+        options[key] = cls(**recorded_option) if config.get(key) else None
     for key in ("dtype", "device", "derivatives", "eval_every", "eval_points"):
         if config.get(key) is not None:
             options[key] = config[key]
@@ -178,6 +203,7 @@ def solve_options_from_config(config: dict) -> dict:
 def solve_command(args: argparse.Namespace) -> int:
     from . import problems
     from .data.bench import parse_storage
+    from .training.distributed import env_rank
     from .io.commands import run_file_callbacks
     from .io.runfile import check_output_path
     from .pinn.errors import TrainingDivergedError
@@ -211,17 +237,20 @@ def solve_command(args: argparse.Namespace) -> int:
         options["storage"] = parse_storage(spec, defaults={})
         extra["storage"] = spec
     out = args.resume if args.resume is not None else args.out
-    if out is not None:
+    main_rank = env_rank() == 0          # under torchrun only rank 0 writes the run file and reports
+    if out is not None and main_rank:
         check_output_path(out)           # before any training: a folder, an unwritable place, a busy file
     defaults = problem_defaults(problem)
     total = options.get("adam", defaults["adam"]).steps + options.get("lbfgs", defaults["lbfgs"]).steps
     callbacks, state = run_file_callbacks(args, total_steps=total, config=extra)
     try:
         result = solve(problem, progress=not args.no_progress, callbacks=callbacks, resume=state,
-                       compile=args.compile, **options)
+                       compile=args.compile, distributed=distributed_options(args), **options)
     except TrainingDivergedError as err:
         where = f"; {out} keeps the history up to step {_err_step(callbacks)} and the last checkpoint" if out else ""
         raise CommandError(f"{str(err).splitlines()[0]}{where}") from err
+    if not main_rank:
+        return 0
     storage = extra.get("storage", result.config.get("storage"))
     l2 = result.l2_relative_error
     where = f"{result.config['problem']}, storage={storage}, {result.config['steps_done']} steps, {result.timing['total_s']:.1f} s"
@@ -233,6 +262,13 @@ def solve_command(args: argparse.Namespace) -> int:
         t = result.timing
         print(f"compile: {t['compile_s']:.1f} s (not in the steps); Adam {t['adam_ms_per_step']:.2f} ms/step, "
               f"L-BFGS {t['lbfgs_ms_per_step']:.2f} ms/iteration")
+    ranks = result.config.get("distributed")
+    if ranks:
+        peaks = ranks.get("step_peak_bytes_per_rank") or []
+        known = [p for p in peaks if p is not None]
+        print(f"{ranks['world_size']} ranks ({ranks['backend']}); step peak memory per rank: "
+              f"{', '.join('n/a' if p is None else f'{p / 2**20:.2f} MiB' for p in peaks)}"
+              + (f" (max {max(known) / 2**20:.2f} MiB)" if known else ""))
     stop = result.history.get("lbfgs_stop")
     if stop:
         print(f"L-BFGS stopped at step {stop['step']}: {stop['reason']} ({stop['detail']})")

@@ -23,6 +23,7 @@ __all__ = ["names", "get", "problem_class", "describe", "PROBLEMS"]
 PROBLEMS: MappingProxyType[str, tuple[str, str]] = MappingProxyType({
     "burgers": ("burgers", "Burgers"),
     "poisson": ("poisson", "PoissonLShape"),
+    "poisson_corner": ("poisson_corner", "PoissonCorner"),
     "heat": ("heat", "Heat"),
     "wave": ("wave", "Wave"),
     "helmholtz": ("helmholtz", "Helmholtz"),

@@ -1,13 +1,19 @@
-"""Allen-Cahn equation in 1-D with periodic boundaries (Raissi et al. 2019, DeepXDE example).
+"""Allen-Cahn equation in 1-D with periodic boundaries: Raissi et al.'s eps = 1e-4 case.
 
     u_t - eps u_xx + 5 u^3 - 5 u = 0,   x in [-1, 1] periodic, t in [0, 1],   eps = 1e-4,
-    u(x, 0) = x^2 cos(pi x).
+    u(x, 0) = x^2 cos(pi x),   u(-1, t) = u(1, t),   u_x(-1, t) = u_x(1, t).
+
+This is the equation of Raissi, Perdikaris & Karniadakis (2019, J. Comput. Phys. 378,
+its discrete-time example). It is not DeepXDE's Allen_Cahn example, which
+takes the same initial data and hard constraint but d = 0.001 (ten times the
+diffusion, interfaces about three times wider), so its published errors do not
+transfer to this problem.
 
 The solution develops thin interfaces (width ~ sqrt(2 eps / 5) = 0.006) between
 the stable phases u = +-1. The reference is computed here by a Fourier
 pseudo-spectral discretization in space and ETDRK4 in time (`allen_cahn_etdrk4`).
 
-The PINN uses DeepXDE's hard constraint u = x^2 cos(pi x) + t (1 - x^2) N(x, t):
+The PINN uses the hard constraint of DeepXDE's example u = x^2 cos(pi x) + t (1 - x^2) N(x, t):
 it fixes the initial condition exactly and u(+-1, t) = -1 approximately: the
 periodic extension of x^2 cos(pi x) has a kink at x = +-1, which diffusion
 lifts the reference to u(+-1, t) = -1 + 3e-3 at t = 0.05, relaxing to -1 + 1e-6

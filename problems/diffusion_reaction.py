@@ -3,7 +3,9 @@
     u_t = d u_xx + e^{-t} (3/2 sin 2x + 8/3 sin 3x + 15/4 sin 4x + 63/8 sin 8x),
     x in [-pi, pi], t in [0, 1],   d = 1,   u(+-pi, t) = 0,   u(x, 0) = g(x),
 
-with exact solution u = e^{-t} g(x), g(x) = sin x + sin 2x / 2 + sin 3x / 3 + sin 4x / 4 + sin 8x / 8.
+with exact solution u = e^{-t} g(x), g(x) = sin x + sin 2x / 2 + sin 3x / 3 + sin 4x / 4 + sin 8x / 8
+(the reference). The boundary and initial values are loss terms here; DeepXDE's example
+builds them into the output (u = t (pi^2 - x^2) N + g(x)).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     -(u_xx + u_yy) - k^2 u = k^2 sin(k x) sin(k y)   on [0, 1]^2,   k = 2 pi n,  n = 2,
     u = 0 on the boundary,
 
-exact solution u = sin(k x) sin(k y) (two periods in each direction). The
+exact solution u = sin(k x) sin(k y) (two periods in each direction; the reference). The
 boundary condition is a hard constraint: u = x (1 - x) y (1 - y) N(x, y).
 
 The default network uses sin activations, as DeepXDE's example does: measured

@@ -4,7 +4,7 @@
     alpha = -1, beta = 0, gamma = 1,   x in [-1, 1], t in [0, 10],
     u(x, 0) = x,   u_t(x, 0) = 0,   u(-1, t) = -cos t,   u(1, t) = cos t,
 
-exact solution u = x cos t.
+exact solution u = x cos t (the reference; DeepXDE's example writes the nonlinearity gamma u^k, k = 2).
 """
 
 from __future__ import annotations

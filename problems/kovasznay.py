@@ -1,4 +1,4 @@
-"""Kovasznay flow: steady incompressible Navier-Stokes in 2-D, three fields (Kovasznay 1948).
+"""Kovasznay flow: steady incompressible Navier-Stokes in 2-D, three fields (Kovasznay 1948; DeepXDE's Kovasznay_flow example).
 
     u u_x + v u_y + p_x - (u_xx + u_yy) / Re = 0,
     u v_x + v v_y + p_y - (v_xx + v_yy) / Re = 0,
@@ -7,7 +7,8 @@
 with exact solution (lam = Re/2 - sqrt(Re^2/4 + 4 pi^2))
     u = 1 - e^{lam x} cos(2 pi y),  v = lam / (2 pi) e^{lam x} sin(2 pi y),  p = (1 - e^{2 lam x}) / 2.
 Velocities are given on the whole boundary, the pressure on the outflow x = 1
-(it is otherwise determined only up to a constant).
+(it is otherwise determined only up to a constant), as in DeepXDE's example.
+The reference is the exact solution.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
 with exact solution u = sin(pi x) sin(pi y) + (x^2 - y^2) / 2 (the harmonic
 term makes the boundary data g = u non-zero, and leaves the source unchanged).
 The re-entrant corner at the origin is where a low-regularity Poisson problem
-would be hard; this manufactured solution is smooth there.
+would be hard; this manufactured solution is smooth there. Reference: the exact
+solution. DeepXDE's Poisson_Lshape example (-Lap u = 1, u = 0, on the same domain)
+is the singular problem, `poisson_corner` in this library.
 """
 
 from __future__ import annotations

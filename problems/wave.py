@@ -3,7 +3,10 @@
     u_tt = c^2 u_xx,   x in [0, 1], t in [0, 1],   c = 1,
     u(x, 0) = sin(pi x),   u_t(x, 0) = pi c sin(2 pi x),   u(0, t) = u(1, t) = 0,
 
-exact solution u = sin(pi x) cos(pi c t) + sin(2 pi x) sin(2 pi c t) / 2.
+exact solution u = sin(pi x) cos(pi c t) + sin(2 pi x) sin(2 pi c t) / 2 (the reference).
+This is pinnsketch's own test case. DeepXDE's wave_1d example (from Wang, Wang &
+Perdikaris 2021) is a different, multi-scale problem: c = 10, zero initial velocity,
+u = sin(pi x) cos(10 pi t) + sin(2 pi x) cos(20 pi t).
 """
 
 from __future__ import annotations

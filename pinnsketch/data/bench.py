@@ -171,6 +171,9 @@ def run_bench(
             "n_train": len(data.train_labels),
             "n_test": len(data.test_labels),
             "cuda_peak_bytes": result.cuda_peak_bytes,
+            # under torchrun: ranks, each rank's peak (saved_bytes_peak is their maximum)
+            "world_size": len(result.saved_bytes_peak_per_rank or [None]),
+            "saved_bytes_peak_per_rank": result.saved_bytes_peak_per_rank,
             "torch": torch.__version__,
             "device": _device_name(device),
         })
@@ -330,12 +333,16 @@ def command_line(args: argparse.Namespace) -> str:
 
 def bench_command(args: argparse.Namespace) -> int:
     """Run `pinnsketch bench` from parsed arguments; print the table; return the exit status."""
+    from ..training.distributed import env_rank
+
     records = run_bench(
         args.dataset, args.storage, data_dir=args.data_dir, download=args.download, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, width=args.width, depth=args.depth, seed=args.seed,
         device=args.device, progress=False if args.no_progress else None,
-        log=lambda line: print(line, file=sys.stderr),
+        log=(lambda line: print(line, file=sys.stderr)) if env_rank() == 0 else None,
     )
+    if env_rank() != 0:      # under torchrun rank 0 reports
+        return 0
     print(format_table(records))
     if args.json:
         payload = {"benchmark": "classifiers", "command": command_line(args),

@@ -109,6 +109,8 @@ class ClassifierResult:
         storage_report: `model.storage_report()` after the last training step, before the
             final evaluation ([] for plain torch models).
         steps: optimizer steps taken.
+        saved_bytes_peak_per_rank: under torch.distributed, each rank's saved_bytes_peak
+            (saved_bytes_peak is then their maximum); None in one process.
     """
 
     model: torch.nn.Module
@@ -119,6 +121,7 @@ class ClassifierResult:
     cuda_peak_bytes: int | None
     storage_report: list[dict]
     steps: int
+    saved_bytes_peak_per_rank: list[int] | None = None
 
     @property
     def epoch_times(self) -> list[float]:
@@ -188,6 +191,7 @@ def train_classifier(
     progress: bool | None = None,
     eval_batch_size: int = 1000,
     drop_last: bool = True,
+    distributed=None,
 ) -> ClassifierResult:
     """Train `model` on `data.train_*` with shuffled mini-batches; evaluate on `data.test_*`.
 
@@ -211,6 +215,12 @@ def train_classifier(
             {"cross_entropy": float}, saved_bytes_peak of the step; setting its
             `stop_training` ends training after the current step.
         progress: show a tqdm bar; default: only when stderr is a terminal.
+        distributed: None (default): when launched by torchrun as one of several processes,
+            train as one rank (`pinnsketch.training.distributed`): a `DistributedSampler` gives each
+            rank its share of every epoch and each rank batch_size / world_size samples of a
+            step, the loss and gradients are averaged over the ranks (a step is one step on
+            the global batch), only rank 0 shows progress and runs callbacks; a
+            ps.Distributed(...) sets the options; False: never.
 
     Returns:
         ClassifierResult.
@@ -225,6 +235,24 @@ def train_classifier(
     if progress is None:
         progress = sys.stderr.isatty()
     device = torch.device(device) if device is not None else _device_of(model)
+    from ..training.distributed import session
+
+    with session(distributed, device) as group:
+        return _train(model, data, group, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                      weight_decay=weight_decay, seed=seed, device=device, callbacks=callbacks, progress=progress,
+                      eval_batch_size=eval_batch_size, drop_last=drop_last)
+
+
+def _train(model, data, group, *, epochs, batch_size, optimizer, lr, weight_decay, seed, device, callbacks, progress,
+           eval_batch_size, drop_last) -> ClassifierResult:
+    world = 1 if group is None else group.world_size
+    if group is not None:
+        device = group.device
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is the global batch and must be divisible by the "
+                             f"{world} ranks; pass a multiple of {world}")
+        callbacks = callbacks if group.main else ()
+        progress = progress and group.main
     model = model.to(device)
     dtype = _dtype_of(model)
     transform = Standardizer(data, flatten=_flattens(model))
@@ -239,6 +267,14 @@ def train_classifier(
               "weight_decay": weight_decay, "seed": seed, "device": str(device)}
 
     n = len(train_y)
+    sampler = None
+    if group is not None:
+        from torch.utils.data import DistributedSampler
+
+        # every rank sees its own n / world samples of each epoch's permutation
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=group.rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        n, batch_size = len(sampler), batch_size // world
     if drop_last and batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} training samples of {data.name!r}, so "
                          "drop_last=True leaves no batch; lower batch_size or pass drop_last=False")
@@ -248,6 +284,8 @@ def train_classifier(
     callbacks = list(callbacks)
     state = (_training_state(model, opt, config, shuffle, callbacks, epochs * steps_per_epoch)
              if callbacks else None)
+    # the stop flags every rank follows (rank 0's callbacks set them)
+    flags = None if group is None else state or _training_state(model, opt, config, shuffle, [], 0)
     start_time = time.perf_counter()
     for cb in callbacks:
         cb.on_start(state)
@@ -255,7 +293,11 @@ def train_classifier(
     bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc=f"{data.name}", leave=False)
     try:
         for epoch in range(epochs):
-            order = torch.randperm(n, generator=shuffle).to(device)
+            if sampler is None:
+                order = torch.randperm(n, generator=shuffle).to(device)
+            else:
+                sampler.set_epoch(epoch)
+                order = torch.tensor(list(sampler), dtype=torch.int64, device=device)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             _synchronize(device)
@@ -264,15 +306,19 @@ def train_classifier(
                 idx = order[start:start + batch_size]
                 x, y = transform(train_x[idx], dtype), train_y[idx]
                 outputs: list[torch.Tensor] = []
+                reduce = None
+                if group is not None:  # the mean over the global batch: each rank's 1/world share, summed
+                    reduce = functools.partial(_reduce_share, group, list(model.parameters()))
                 # The finiteness check reads the loss back (a device sync): only when it is shown anyway.
-                record = train_step(model, opt, functools.partial(_cross_entropy, model, x, y, outputs), meter=True,
-                                    step_peak=False, check=bool(callbacks or progress), names=["cross_entropy"],
+                record = train_step(model, opt, functools.partial(_cross_entropy, model, x, y, outputs, world),
+                                    meter=True, step_peak=False, check=bool(callbacks or progress),
+                                    names=["cross_entropy", "cross_entropy"], reduce=reduce,
                                     where=f"step {len(step_bytes) + 1} (epoch {epoch + 1})", hint=f"Lower lr={lr}.")
-                meter, loss, logits = record.meter, record.loss, outputs[0].detach()
+                meter, logits, local = record.meter, outputs[0].detach(), outputs[1]
                 step_bytes.append(meter.peak_bytes)
                 if meter.cuda_peak_bytes is not None:
                     cuda_peak = max(cuda_peak or 0, meter.cuda_peak_bytes)
-                loss_sum += loss.to(torch.float64) * len(y)
+                loss_sum += local.to(torch.float64) * len(y)      # this rank's samples (summed over ranks below)
                 correct += (logits.argmax(dim=1) == y).sum()
                 if record.values is not None:
                     value = record.values[0]
@@ -284,30 +330,44 @@ def train_classifier(
                     state.saved_bytes_peak, state.storage_report = meter.peak_bytes, report()
                     for cb in callbacks:
                         cb.on_step(state)
-                    if state.stop_training or state.stop_phase:
-                        break
+                if flags is not None:  # rank 0's callbacks decide for every rank
+                    flags.step = len(step_bytes)
+                    group.after_step(flags, list(model.parameters()))
+                if state is not None and (state.stop_training or state.stop_phase):
+                    break
+                if flags is not None and (flags.stop_training or flags.stop_phase):
+                    break
             _synchronize(device)
             epoch_time = time.perf_counter() - t0
             final_report = report()
             done = (len(step_bytes) - epoch * steps_per_epoch) * batch_size  # < seen when a callback stopped
-            mean_loss = float(loss_sum) / min(done, seen)
+            counted = min(done, seen)
+            if group is not None:  # the epoch's figures over all ranks
+                totals = torch.stack([loss_sum, correct.to(torch.float64)]).to(group.comm_device)
+                torch.distributed.all_reduce(totals)
+                loss_sum, correct, counted = totals[0], int(totals[1]), counted * world
+            mean_loss = float(loss_sum) / counted
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"cross-entropy became {mean_loss} in epoch {epoch + 1}; lower lr={lr}")
             history.append({
                 "epoch": epoch + 1,
                 "loss": mean_loss,
-                "train_accuracy": int(correct) / min(done, seen),
+                "train_accuracy": int(correct) / counted,
                 "test_accuracy": evaluate(model, data.test_images, data.test_labels, transform,
                                           batch_size=eval_batch_size),
                 "epoch_time_s": epoch_time,
             })
+            if flags is not None and (flags.stop_training or flags.stop_phase):
+                break
             if state is not None and (state.stop_training or state.stop_phase):
                 break
     finally:
         bar.close()
+    per_rank = None if group is None else group.gather_ints([max(step_bytes)])[0]
     result = ClassifierResult(model=model, test_accuracy=history[-1]["test_accuracy"], history=history,
-                              saved_bytes_peak=max(step_bytes), step_saved_bytes=step_bytes,
-                              cuda_peak_bytes=cuda_peak, storage_report=final_report, steps=len(step_bytes))
+                              saved_bytes_peak=max(per_rank or step_bytes), step_saved_bytes=step_bytes,
+                              cuda_peak_bytes=cuda_peak, storage_report=final_report, steps=len(step_bytes),
+                              saved_bytes_peak_per_rank=per_rank)
     if state is not None:
         state.saved_bytes_peak, state.storage_report = result.saved_bytes_peak, final_report
         state.wall_time_s = time.perf_counter() - start_time
@@ -316,10 +376,18 @@ def train_classifier(
     return result
 
 
-def _cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, outputs: list) -> tuple:
-    """(cross-entropy of model(x) against labels y (N,), None); the logits (N, classes) go to `outputs`."""
-    outputs.append(model(x))
-    return F.cross_entropy(outputs[-1], y), None
+def _cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, outputs: list, world: int = 1) -> tuple:
+    """(cross-entropy of model(x) against labels y (N,) / world, None): this process's share of the mean
+    over the global batch; the logits (N, classes) and the local cross-entropy (detached) go to `outputs`."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    outputs += [logits, loss.detach()]
+    return (loss if world == 1 else loss / world), None
+
+
+def _reduce_share(group, params: list, loss: torch.Tensor, terms) -> tuple[torch.Tensor, list[float]]:
+    """Multi-process step: the ranks' shares and gradients summed (`Group.reduce_step`)."""
+    return group.reduce_step(loss, loss.detach().reshape(1) if terms is None else terms, params)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -105,18 +105,15 @@ def model_spec(model: torch.nn.Module) -> dict[str, Any]:
 def _init_kwargs(model: torch.nn.Module) -> dict | None:
     """Constructor keyword arguments of the pinnsketch.nn models (storage rebuilt as 'exact').
 
-    A model can provide its own through an ``init_kwargs`` attribute (a JSON-able dict).
+    A model provides its own through an ``init_kwargs`` attribute (a JSON-able dict): the
+    MLPs and gated networks of `pinnsketch.nn` do, with their embedding, factorization and
+    architecture options; the weights (Fourier matrices included) come from the state dict.
     """
     own = getattr(model, "init_kwargs", None)
     if isinstance(own, dict):
         return dict(own)
-    from ..nn import CNN, MLP, ResidualMLP
+    from ..nn import CNN
 
-    if isinstance(model, (MLP, ResidualMLP)):
-        extra = 2 if isinstance(model, ResidualMLP) else 1
-        return {"in_features": model.in_features, "out_features": model.out_features,
-                "width": model.blocks[0].out_features, "depth": len(model.blocks) - extra,
-                "activation": model.activation.name}
     if isinstance(model, CNN):
         convs = (model.features[0], model.features[3])
         return {"channels": [convs[0].out_channels, convs[1].out_channels], "hidden": model.blocks[0].out_features,

@@ -9,6 +9,8 @@ from .jet import Jet, JetSpec
 from .lowrank import LowRankStorage
 from .memory import MemoryMeter, ResidentPeak
 from .models import CNN, MLP, ResidualMLP
+from .gated import ModifiedMLP, PirateNet
+from .embeddings import FourierFeatures, PeriodicEmbedding
 from .policies import STORAGES, make_storage
 from .projection import ProjectionStorage
 from .storage import AbstractStorage, CheckpointStorage, ExactStorage, StorageError, Stored
@@ -21,6 +23,10 @@ __all__ = [
     "get_activation",
     "MLP",
     "ResidualMLP",
+    "ModifiedMLP",
+    "PirateNet",
+    "FourierFeatures",
+    "PeriodicEmbedding",
     "CNN",
     "DenseBlock",
     "FusedDense",

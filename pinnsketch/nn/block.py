@@ -28,12 +28,18 @@ class DenseBlock(torch.nn.Module):
         generator: torch.Generator for the initialization (never the global RNG).
         chunk_bytes: bytes per row-chunk tensor (S, rows, width) of the fused Functions
             (None: the device default of `pinnsketch.nn.chunking`, one chunk on a GPU).
+        factorized: None, or (mean, std) of random weight factorization (Wang et al.,
+            "Random weight factorization improves the training of continuous neural
+            representations", arXiv 2210.01274, 2022): W = diag(exp(s)) V with trainable
+            s (out,) drawn from N(mean, std^2) and V = diag(exp(-s)) W_init, so the initial W
+            is unchanged. `weight` is then computed from (s, V) on each access, before the
+            fused Function: the storage policy sees the same block input as without it.
     """
 
     def __init__(self, in_features: int, out_features: int, activation: str | Activation,
                  storage: AbstractStorage, *, init: str = "xavier", generator: torch.Generator | None = None,
                  chunk_bytes: int | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, factorized: tuple[float, float] | None = None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -47,20 +53,36 @@ class DenseBlock(torch.nn.Module):
         self.chunk_bytes = chunk_bytes
         self.activation = get_activation(activation)
         self.storage = storage
-        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         if init == "xavier":
             std = math.sqrt(2.0 / (in_features + out_features))
         elif init == "kaiming":
             std = math.sqrt(2.0 / in_features)
         else:
             raise ValueError(f"init={init!r} is not one of 'xavier', 'kaiming'")
-        with torch.no_grad():
-            # drawn on the generator's device (the CPU for a model seed), then copied: the same
-            # weights on every device, and no generator/device mismatch under set_default_device
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            draw = torch.empty(out_features, in_features, dtype=self.weight.dtype, device=gen_device)
-            self.weight.copy_(draw.normal_(0.0, std, generator=generator))
+        # drawn on the generator's device (the CPU for a model seed), then copied: the same
+        # weights on every device, and no generator/device mismatch under set_default_device
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        draw = torch.empty(out_features, in_features, dtype=dtype or torch.get_default_dtype(), device=gen_device)
+        weight = torch.empty(out_features, in_features, dtype=draw.dtype, device=device)
+        weight.copy_(draw.normal_(0.0, std, generator=generator))
+        self.factorized = None if factorized is None else _factorization(factorized)
+        if self.factorized is None:
+            self.register_parameter("weight", torch.nn.Parameter(weight))
+        else:
+            mean, fstd = self.factorized
+            s = torch.empty(out_features, dtype=draw.dtype, device=device)
+            s.copy_(torch.empty(out_features, dtype=draw.dtype, device=gen_device).normal_(mean, fstd, generator=generator))
+            self.weight_s = torch.nn.Parameter(s)
+            self.weight_v = torch.nn.Parameter(weight * torch.exp(-s)[:, None])
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=draw.dtype, device=weight.device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W (out, in): the parameter, or exp(s)[:, None] * V under weight factorization."""
+        own = self._parameters.get("weight")
+        if own is not None:
+            return own
+        return torch.exp(self.weight_s)[:, None] * self.weight_v
 
     def forward(self, z_prev: torch.Tensor, spec: JetSpec) -> torch.Tensor:
         """z_prev (S, N, in) -> z (S, N, out)."""
@@ -82,4 +104,17 @@ class DenseBlock(torch.nn.Module):
         return BlockCall(self.activation, spec, self.storage, self.chunk_bytes)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, activation={self.activation.name}"
+        extra = "" if self.factorized is None else f", factorized={self.factorized}"
+        return f"{self.in_features} -> {self.out_features}, activation={self.activation.name}{extra}"
+
+
+def _factorization(factorized) -> tuple[float, float]:
+    """(mean, std) of the random weight factorization's log-scales, validated."""
+    try:
+        mean, std = (float(v) for v in factorized)
+    except (TypeError, ValueError):
+        raise ValueError(f"factorized={factorized!r} must be (mean, std) of the log-scales s, "
+                         "e.g. (1.0, 0.1)") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std >= 0):
+        raise ValueError(f"factorized={factorized!r} needs a finite mean and a finite std >= 0, e.g. (1.0, 0.1)")
+    return mean, std

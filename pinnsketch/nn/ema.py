@@ -40,6 +40,7 @@ import copy
 import math
 
 
+from .collective import agree, distributed_active
 from ..sketch import AdaptiveRank, FixedRank, ThreeSketch, derive_seed
 from ..sketch.operators import OPERATORS
 from .codecs import make_codec
@@ -167,6 +168,10 @@ class EMAStorage(AbstractStorage):
         self._occurrence.clear()
         self._first_shape = None
         self.error, self._step_error = self._step_error, None
+        if distributed_active():
+            # multi-process training (pinnsketch.training.distributed): each rank sketches its own shard;
+            # the controller reads the worst error of all ranks, so every rank keeps the same rank
+            self.error = agree([self.error])[0]
         if self._controller is not None and self.error is not None and math.isfinite(self.error):
             old, error = self._controller.rank, self.error
             if isinstance(self._controller, AdaptiveRank) and self._shrink_blocked():

@@ -43,7 +43,8 @@ def plain_jet(model: torch.nn.Module, x: torch.Tensor, spec: JetSpec) -> Jet:
     """x (N, d) -> Jet with streams (S, N, out), equal to `model.jet(x, spec)`.
 
     model: a pinnsketch `MLP` (blocks in sequence) or `ResidualMLP`
-    (x_{l+1} = x_l + block_l(x_l) for the hidden blocks).
+    (x_{l+1} = x_l + block_l(x_l) for the hidden blocks), with its input embedding
+    and factorized weights if it has them.
     """
     from .models import ResidualMLP
 
@@ -53,7 +54,7 @@ def plain_jet(model: torch.nn.Module, x: torch.Tensor, spec: JetSpec) -> Jet:
     if spec.dim != model.in_features:
         raise ValueError(f"spec over {spec.dim} inputs does not match in_features={model.in_features}")
     blocks = list(model.blocks)
-    z = Jet.input(x, spec).streams
+    z = model._embed(Jet.input(x, spec).streams, spec)
     residual = type(model) is ResidualMLP
     for i, block in enumerate(blocks):
         inner = residual and 0 < i < len(blocks) - 1

@@ -16,8 +16,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .activations import get_activation
-from .block import DenseBlock
+from .block import DenseBlock, _factorization
 from .chain import ChainCall, ChainFunction, ChainStage
+from .embeddings import Embedding, periodic_axes
 from .jet import Jet, JetSpec
 from .memory import MemoryMeter
 from .policies import make_storages
@@ -73,6 +74,40 @@ class _BlockNetwork(torch.nn.Module):
     blocks: torch.nn.ModuleList
 
     chunk_bytes: int | None = None
+
+    def _input_options(self, in_features: int, fourier, periodic, harmonics: int, factorized, gen,
+                       dtype, device) -> int:
+        """Set up the input embedding (drawn from `gen` before the blocks) and record the options
+        (`init_kwargs`); returns the width of the first block's input."""
+        axes = periodic_axes(periodic, None, in_features) if periodic else None
+        factorized = None if factorized is None else _factorization(factorized)
+        self.embedding: Embedding | None = None
+        if axes or fourier is not None:
+            self.embedding = Embedding(in_features, periodic=axes, harmonics=harmonics,
+                                       fourier=None if fourier is None else dict(fourier), generator=gen,
+                                       dtype=dtype, device=device)
+        self._options = {}
+        if fourier is not None:
+            self._options["fourier"] = dict(self.embedding.maps[-1].config())
+        if axes:
+            self._options["periodic"] = [[a, p] for a, p in self.embedding.maps[0].periods.items()]
+            self._options["harmonics"] = harmonics
+        if factorized is not None:
+            self._options["factorized"] = list(factorized)
+        self.factorized = None if factorized is None else tuple(factorized)
+        return in_features if self.embedding is None else self.embedding.out_features
+
+    @property
+    def init_kwargs(self) -> dict | None:
+        """JSON-able constructor arguments (storage aside) that rebuild this network (None: not recorded)."""
+        if "_options" not in vars(self):
+            return None
+        return {"in_features": self.in_features, "out_features": self.out_features, "width": self.width,
+                "depth": self.depth, "activation": self.activation.name, **self._options}
+
+    def _embed(self, z: torch.Tensor, spec: JetSpec) -> torch.Tensor:
+        """Input streams (S, N, d) -> the first block's input streams."""
+        return z if self.embedding is None else self.embedding.jet(z, spec)
 
     def _blocks(self) -> list[tuple[DenseBlock, bool]]:
         """The network as a chain of (block, with a skip connection z + block(z))."""
@@ -160,25 +195,35 @@ class MLP(_BlockNetwork):
             Kaiming normal for ReLU/GELU; zero biases) and the storage seeds.
         chunk_bytes: bytes per row-chunk tensor of the training step (None: the device's
             default, `pinnsketch.nn.chunking`; one chunk per call on a GPU).
+        fourier: None or {"features": m, "scale": s, "trainable": False}: random Fourier
+            features of the (embedded) input (`pinnsketch.nn.embeddings.FourierFeatures`).
+        periodic: None or {axis: period}: exact periodicity along those input axes with
+            `harmonics` multiples of the base frequency (`pinnsketch.nn.embeddings.PeriodicEmbedding`).
+        factorized: None or (mean, std): random weight factorization of every block
+            (`DenseBlock`'s `factorized`).
     """
 
     def __init__(self, in_features: int, out_features: int, width: int = 64, depth: int = 4,
                  activation: str = "tanh", storage: StorageArg = "exact", *, seed: int | torch.Generator = 0,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 chunk_bytes: int | None = None):
+                 chunk_bytes: int | None = None, fourier: dict | None = None, periodic=None, harmonics: int = 1,
+                 factorized: tuple[float, float] | None = None):
         super().__init__()
         self.chunk_bytes = chunk_bytes
         _check_positive(in_features=in_features, out_features=out_features, width=width, depth=depth)
         self.in_features, self.out_features = in_features, out_features
+        self.width, self.depth = width, depth
         self.activation = get_activation(activation)
         gen, storage_seed = _generator_and_seed(seed)
-        sizes = [in_features] + [width] * self._hidden_maps(depth) + [out_features]
+        first = self._input_options(in_features, fourier, periodic, harmonics, factorized, gen, dtype, device)
+        sizes = [first] + [width] * self._hidden_maps(depth) + [out_features]
         n_blocks = len(sizes) - 1
         policies = make_storages(storage, n_blocks, storage_seed)
         init = _init_for(self.activation.name)
         self.blocks = torch.nn.ModuleList(
             DenseBlock(sizes[i], sizes[i + 1], "identity" if i == 0 else self.activation, policies[i],
-                       init=init, generator=gen, dtype=dtype, device=device, chunk_bytes=chunk_bytes)
+                       init=init, generator=gen, dtype=dtype, device=device, chunk_bytes=chunk_bytes,
+                       factorized=self.factorized)
             for i in range(n_blocks)
         )
         self._value_spec = JetSpec(in_features)
@@ -192,13 +237,13 @@ class MLP(_BlockNetwork):
         """x (N, in) -> (N, out), value only."""
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x of shape {tuple(x.shape)} must be (N, {self.in_features})")
-        return self._run(x.unsqueeze(0), self._value_spec)[0]
+        return self._run(self._embed(x.unsqueeze(0), self._value_spec), self._value_spec)[0]
 
     def jet(self, x: torch.Tensor, spec: JetSpec) -> Jet:
         """x (N, in) -> Jet with streams (S, N, out): outputs and the input derivatives in `spec`."""
         if spec.dim != self.in_features:
             raise ValueError(f"spec over {spec.dim} inputs does not match in_features={self.in_features}")
-        return Jet(self._run(Jet.input(x, spec).streams, spec), spec)
+        return Jet(self._run(self._embed(Jet.input(x, spec).streams, spec), spec), spec)
 
 
 class ResidualMLP(MLP):

@@ -2,13 +2,17 @@
 
 from . import geometry
 from .conditions import Condition, Dirichlet, Initial, InitialVelocity, Neumann, Periodic, PointData, Robin
+from ..training.distributed import Distributed
 from .derivatives import AutogradDerivatives, DerivativeProvider, JetDerivatives
 from .errors import DerivativeNameError, ProblemDefinitionError, TrainingDivergedError
 from .fields import Field
-from .options import LBFGS, RAR, Adam, Constant, Cosine, Exponential, Network, Points, Schedule
+from .causal import Causal
+from .options import (LBFGS, RAR, SOAP, Adam, Constant, Cosine, Exponential, Factorized, Fourier, Network, Points,
+                      Schedule, WarmupExponential)
 from .problem import Parameter, Problem
 from .result import Result
 from .solver import DEFAULTS, loss_terms, solve
+from .weighting import GradNormWeights
 from ..training import Callback, EarlyStopping, ProgressBar, TrainingState
 
 __all__ = [
@@ -25,18 +29,25 @@ __all__ = [
     "InitialVelocity",
     "PointData",
     "solve",
+    "Distributed",
     "loss_terms",
     "DEFAULTS",
     "Result",
     "Network",
+    "Fourier",
+    "Factorized",
     "Adam",
     "LBFGS",
+    "SOAP",
+    "GradNormWeights",
+    "Causal",
     "Points",
     "RAR",
     "Schedule",
     "Constant",
     "Cosine",
     "Exponential",
+    "WarmupExponential",
     "Callback",
     "TrainingState",
     "EarlyStopping",

@@ -36,6 +36,8 @@ def compile_reason(network: torch.nn.Module, objective: Objective) -> str | None
         return f"the network is a {type(network).__name__}, not a pinnsketch MLP/ResidualMLP"
     if not isinstance(objective.provider, JetDerivatives):
         return f"derivatives={objective.provider.name!r}; the compiled loss uses jets"
+    if objective.causal is not None:
+        return "causal weighting keeps its chunk weights in Python state; it runs eagerly"
     policies = {type(b.storage).__name__ for b in network.blocks if not isinstance(b.storage, ExactStorage)}
     if policies:
         return (f"storage {sorted(policies)} keeps sketches in custom autograd Functions, which the "

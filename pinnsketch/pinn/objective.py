@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..nn.jet import JetSpec
+from .causal import CausalWeights
 from .conditions import Condition, as_column
 from .derivatives import DerivativeProvider, discover_fields, fields_of
 from .errors import ProblemDefinitionError
@@ -61,11 +62,17 @@ class Objective:
         network: the model; provider: how derivatives are computed.
         points: the run's CollocationPoints; dtype, device: of the tensors.
         loss_weights: None or {term: weight}; multiplies the conditions' own weights.
+        causal: None or a `CausalWeights`: the residual terms become causally weighted
+            mean squares over time chunks (`causal.py`).
+
+    `weights` (n_terms,) are the weights of `total`; gradient-norm balancing
+    (`weighting.py`) replaces them during training.
     """
 
     def __init__(self, problem: Problem, layout: Layout, network: torch.nn.Module, provider: DerivativeProvider,
                  points: CollocationPoints, dtype: torch.dtype, device: torch.device,
-                 loss_weights: Mapping[str, float] | None = None):
+                 loss_weights: Mapping[str, float] | None = None, causal: CausalWeights | None = None):
+        self.causal = causal
         self.problem, self.layout, self.network, self.provider = problem, layout, network, provider
         self.points, self.dtype, self.device = points, dtype, device
         self.transform = getattr(problem, "output_transform", None)
@@ -80,6 +87,10 @@ class Objective:
         self.condition_terms = _unique(names, taken=self.residual_terms)
         self.term_names = [*self.residual_terms, *self.condition_terms]
         self.weights = self._weights(loss_weights)
+        # multi-process runs (`distributed.Group.shard_sets`): this rank's rows of each point set;
+        # term_scale (n_terms,) is each term's share of its set, so the ranks' terms sum to the global ones
+        self.shard = None
+        self.term_scale: torch.Tensor | None = None
         self._version = -1
 
     # --- set-up -------------------------------------------------------------------------
@@ -127,11 +138,17 @@ class Objective:
             return
         cps = self.points.conditions_points
         parts = [self.points.domain, *(cp.x for cp in cps)]
+        extras = [cp.extras for cp in cps]
+        if self.shard is not None:
+            paired = [False] + [c.kind == "periodic" for c in self.conditions]  # Periodic: n points, then images
+            parts, extras, shares = self.shard(parts, extras, paired)
+            scale = [shares[0]] * len(self.residual_terms) + list(shares[1:])
+            self.term_scale = torch.tensor(scale, dtype=self.dtype, device=self.device)
         self.x_all = self._tensor(np.concatenate(parts))
         self.x_parts = [self._tensor(p) for p in parts]  # the compiled step's inputs (`compiled.py`)
         bounds = np.cumsum([0] + [len(p) for p in parts])
         self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        self.extras = [{k: self._tensor(v) for k, v in cp.extras.items()} for cp in cps]
+        self.extras = [{k: self._tensor(v) for k, v in extra.items()} for extra in extras]
         self._version = self.points.version
 
     # --- evaluation ---------------------------------------------------------------------
@@ -163,7 +180,11 @@ class Objective:
         """The terms from the jet of all points x (N, d): `slices[0]` the interior, then one per condition."""
         inner = slices[0]
         fields = self._fields(jet[inner], f"{type(self.problem).__name__}.residual")
-        losses = [r.square().mean() for r in self._residual_terms_at(x[inner], fields).values()]
+        residuals = list(self._residual_terms_at(x[inner], fields).values())
+        if self.causal is not None:
+            losses = self.causal.reduce(x[inner], residuals)
+        else:
+            losses = [r.square().mean() for r in residuals]
         for cond, rows, extra in zip(self.conditions, slices[1:], extras):
             column = self.layout.field_index(cond.field, type(cond).__name__)
             u = self._fields(jet[rows], "a condition")[column]

@@ -19,14 +19,18 @@ from .geometry import SAMPLERS
 
 __all__ = [
     "Network",
+    "Fourier",
+    "Factorized",
     "Adam",
     "LBFGS",
+    "SOAP",
     "Points",
     "RAR",
     "Schedule",
     "Constant",
     "Cosine",
     "Exponential",
+    "WarmupExponential",
     "SCHEDULES",
 ]
 
@@ -99,7 +103,32 @@ class Exponential(Schedule):
         return self.rate ** (step / self.every)
 
 
-SCHEDULES: dict[str, type[Schedule]] = {"constant": Constant, "cosine": Cosine, "exponential": Exponential}
+@dataclass(frozen=True)
+class WarmupExponential(Schedule):
+    """Linear warm-up over `warmup` steps, then `decay_rate ** ((step - warmup) / decay_steps)`.
+
+    The warm-up factor is (step + 1) / warmup, so no step runs at lr 0; warmup=0 skips it.
+    (Wang et al. 2023, "An expert's guide to training PINNs": warm-up, then exponential decay.)
+    """
+
+    warmup: int = 1_000
+    decay_rate: float = 0.9
+    decay_steps: int = 2_000
+
+    def __post_init__(self):
+        _positive_int(self.warmup, "WarmupExponential warmup", allow_zero=True)
+        if not 0 < self.decay_rate <= 1:
+            raise ValueError(f"WarmupExponential decay_rate={self.decay_rate!r} must be in (0, 1]")
+        _positive_int(self.decay_steps, "WarmupExponential decay_steps")
+
+    def __call__(self, step, total):
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return self.decay_rate ** ((step - self.warmup) / self.decay_steps)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {"constant": Constant, "cosine": Cosine, "exponential": Exponential,
+                                        "warmupexponential": WarmupExponential}
 
 
 def _schedule(schedule) -> Schedule:
@@ -111,7 +140,8 @@ def _schedule(schedule) -> Schedule:
         return SCHEDULES[schedule]()
     raise ValueError(
         f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a Schedule "
-        "(ps.Constant(), ps.Cosine(final=...), ps.Exponential(rate=..., every=...))"
+        "(ps.Constant(), ps.Cosine(final=...), ps.Exponential(rate=..., every=...), "
+        "ps.WarmupExponential(warmup=..., decay_rate=..., decay_steps=...))"
     )
 
 
@@ -143,6 +173,30 @@ class Adam:
 
     def config(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "schedule": self.schedule.config(), "betas": list(self.betas)}
+
+
+@dataclass(frozen=True)
+class SOAP(Adam):
+    """First phase with SOAP (Adam in Shampoo's eigenbasis, `optimizers.py`) instead of Adam.
+
+    Pass it as `adam=ps.SOAP(...)`: the same steps, schedule, resampling and refinement
+    as Adam; `precondition_every` steps between eigenbasis refreshes.
+    """
+
+    betas: tuple[float, float] = (0.95, 0.95)
+    precondition_every: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int(self.precondition_every, "SOAP precondition_every")
+
+    def build(self, params) -> torch.optim.Optimizer:
+        from .optimizers import SOAPOptimizer
+
+        return SOAPOptimizer(list(params), lr=self.lr, betas=self.betas, precondition_every=self.precondition_every)
+
+    def config(self) -> dict:
+        return {**super().config(), "optimizer": "soap", "precondition_every": self.precondition_every}
 
 
 @dataclass(frozen=True)
@@ -252,12 +306,87 @@ class Points:
 
 
 @dataclass(frozen=True)
+class Fourier:
+    """Random Fourier features of the input (Tancik et al., NeurIPS 2020; Wang, Wang &
+    Perdikaris, CMAME 384, 2021): x -> [cos(x B^T), sin(x B^T)], B (features, d) with
+    entries ~ N(0, scale^2), drawn from the run's seed (`pinnsketch.nn.embeddings.FourierFeatures`).
+
+    features: number of frequencies m (the first layer sees 2m inputs); scale: their
+    standard deviation (in units of the inputs: 1 / the length scale to resolve);
+    trainable: learn B too.
+    """
+
+    features: int = 64
+    scale: float = 1.0
+    trainable: bool = False
+
+    def __post_init__(self):
+        _positive_int(self.features, "Fourier features")
+        _positive_float(self.scale, "Fourier scale")
+        if not isinstance(self.trainable, bool):
+            raise TypeError(f"Fourier trainable={self.trainable!r} must be True or False")
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Factorized:
+    """Random weight factorization (Wang et al., "Random weight factorization improves the
+    training of continuous neural representations", arXiv 2210.01274, 2022): every dense
+    weight is W = diag(exp(s)) V with trainable log-scales s ~ N(mean, std^2) and V chosen so
+    that the initial W is the usual Glorot draw. The storage policies are untouched: W is
+    computed before each fused block."""
+
+    mean: float = 1.0
+    std: float = 0.1
+
+    def __post_init__(self):
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Factorized {name}={v!r} must be a finite number")
+        if self.std < 0:
+            raise ValueError(f"Factorized std={self.std!r} must be >= 0 (e.g. 0.1)")
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+ARCHITECTURES = ("mlp", "modified", "pirate")
+
+
+@dataclass(frozen=True)
 class Network:
-    """The MLP the solver builds: `width` units in each of `depth` hidden layers."""
+    """The network the solver builds: `width` units in each of `depth` hidden layers.
+
+    architecture: "mlp" (`pinnsketch.nn.MLP`), "modified" (the modified MLP of Wang, Teng &
+        Perdikaris 2021, `pinnsketch.nn.gated.ModifiedMLP`: every hidden layer gated between
+        two encoder features) or "pirate" (PirateNet, Wang et al. 2024,
+        `pinnsketch.nn.gated.PirateNet`: `depth` gated residual blocks of three layers each,
+        skip weights initialised at 0; best with `fourier`).
+    fourier: a `ps.Fourier(features, scale)` input embedding (or True for the defaults).
+    periodic: {input name: period}, e.g. {"x": 2.0}: the network is exactly periodic in those
+        inputs with all its derivatives (Dong & Ni, J. Comput. Phys. 435, 2021: features
+        cos(2 pi k x / P), sin(2 pi k x / P), k = 1..harmonics), so a `ps.Periodic` condition on
+        such an axis holds by construction and may be dropped from the problem's conditions
+        (P must be the domain's length along it).
+    harmonics: K of the periodic embedding.
+    factorized: a `ps.Factorized(mean, std)` random weight factorization of every dense
+        layer (or True for the defaults mean=1, std=0.1).
+    Every option runs through the storage policies and jets: the embeddings feed the first
+    block, factorized weights are computed before each block, and the gated architectures
+    keep their gating arithmetic outside the policies (saved exactly; `pinnsketch.nn.gated`).
+    """
 
     width: int = 32
     depth: int = 4
     activation: str = "tanh"
+    architecture: str = "mlp"
+    fourier: Fourier | None = None
+    periodic: dict | None = None
+    harmonics: int = 1
+    factorized: Factorized | None = None
 
     def __post_init__(self):
         _positive_int(self.width, "Network width")
@@ -265,13 +394,65 @@ class Network:
         from ..nn.activations import get_activation
 
         get_activation(self.activation)  # validates the name, listing the choices
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"Network architecture={self.architecture!r} is not one of {ARCHITECTURES}")
+        for name, cls in (("fourier", Fourier), ("factorized", Factorized)):
+            value = getattr(self, name)
+            if value is True:
+                value = cls()
+            elif isinstance(value, dict):   # as recorded in a run's config
+                value = cls(**value)
+            elif value is False:
+                value = None
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(f"Network {name}={value!r} must be a ps.{cls.__name__}(...), True or None")
+            object.__setattr__(self, name, value)
+        _positive_int(self.harmonics, "Network harmonics")
+        if self.harmonics != 1 and self.periodic is None:
+            raise ValueError(f"Network harmonics={self.harmonics} applies to the periodic embedding; "
+                             "pass periodic={input name: period} as well, or leave harmonics at 1")
+        if self.periodic is not None:
+            if not isinstance(self.periodic, dict) or not self.periodic:
+                raise TypeError(f"Network periodic={self.periodic!r} must be a non-empty dict "
+                                "{input name: period}, e.g. {'x': 2.0}")
+            for key, period in self.periodic.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"Network periodic key {key!r} must be an input name such as 'x'")
+                _positive_float(period, f"Network periodic period of {key!r}")
+            object.__setattr__(self, "periodic", {k: float(p) for k, p in self.periodic.items()})
 
     def build(self, in_features: int, out_features: int, storage, generator: torch.Generator,
-              dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+              dtype: torch.dtype, device: torch.device, *, input_names=None) -> torch.nn.Module:
+        """The network module; `input_names` (the problem's, e.g. ("x", "t")) resolve `periodic`."""
         from ..nn import MLP
+        from ..nn.embeddings import periodic_axes
+        from ..nn.gated import ModifiedMLP, PirateNet
 
-        return MLP(in_features, out_features, width=self.width, depth=self.depth, activation=self.activation,
-                   storage=storage, seed=generator, dtype=dtype, device=device)
+        if self.periodic is not None and input_names is None:
+            raise ValueError(f"Network periodic={self.periodic!r} names inputs, but build() got no "
+                             "input_names; pass input_names=problem.input_names")
+        cls = {"mlp": MLP, "modified": ModifiedMLP, "pirate": PirateNet}[self.architecture]
+        extra = {}
+        if self.fourier is not None:
+            extra["fourier"] = self.fourier.config()
+        if self.periodic is not None:
+            extra["periodic"] = periodic_axes(self.periodic, input_names, in_features)
+            extra["harmonics"] = self.harmonics
+        if self.factorized is not None:
+            extra["factorized"] = (self.factorized.mean, self.factorized.std)
+        return cls(in_features, out_features, width=self.width, depth=self.depth, activation=self.activation,
+                   storage=storage, seed=generator, dtype=dtype, device=device, **extra)
 
     def config(self) -> dict:
-        return asdict(self)
+        """JSON-able options: width, depth, activation, and the other options where not at their defaults."""
+        out = {"width": self.width, "depth": self.depth, "activation": self.activation}
+        if self.architecture != "mlp":
+            out["architecture"] = self.architecture
+        if self.fourier is not None:
+            out["fourier"] = self.fourier.config()
+        if self.periodic is not None:
+            out["periodic"] = dict(self.periodic)
+            out["harmonics"] = self.harmonics
+        if self.factorized is not None:
+            out["factorized"] = self.factorized.config()
+        return out

@@ -15,6 +15,7 @@ matrices.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -24,14 +25,17 @@ from typing import Any
 import torch
 
 from ..training import Callback, ProgressBar, StepRecord, TrainingState, crossed, train_step
+from .causal import Causal, CausalWeights
 from .conditions import Condition
 from .derivatives import get_provider
+from ..training.distributed import Distributed, Group, session
 from .errors import ProblemDefinitionError
 from .objective import Objective
 from .options import LBFGS, RAR, Adam, Network, Points
 from .problem import Layout, Problem
 from .result import Evaluator, Result, predict
 from .sampling import CollocationPoints, refine_points
+from .weighting import GradNormWeights, balanced_weights, term_gradient_norms
 
 __all__ = ["solve", "loss_terms", "problem_defaults", "DEFAULTS", "DTYPES"]
 
@@ -44,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "lbfgs": LBFGS(),
     "points": Points(refine=RAR()),  # RAR: Burgers' error sits at the shock
     "loss_weights": None,
+    "balance": None,
+    "causal": None,
     "seed": 0,
     "dtype": "float32",
     "device": "auto",
@@ -103,13 +109,28 @@ def _check_options(o: dict[str, Any]) -> None:
             raise ValueError(f"{key}={v!r} must be a positive int")
     if o["loss_weights"] is not None and not isinstance(o["loss_weights"], Mapping):
         raise TypeError(f"loss_weights={o['loss_weights']!r} must be None or a dict {{term: weight}}")
+    for key, cls in (("balance", GradNormWeights), ("causal", Causal)):
+        if o[key] is not None and not isinstance(o[key], cls):
+            raise TypeError(f"{key}={o[key]!r} must be None or a ps.{cls.__name__}(...)")
+
+
+def _causal(option: Causal | None, layout: Layout, problem: Problem) -> CausalWeights | None:
+    if option is None:
+        return None
+    if layout.time_axis is None:
+        raise ValueError(f"causal={option!r} needs a time-dependent problem; {type(problem).__name__}'s domain "
+                         f"{layout.domain!r} has no time (use space * ps.geometry.TimeDomain(t0, t1)) or pass "
+                         "causal=None")
+    lo, hi = layout.domain.bbox
+    return CausalWeights(option, float(lo[layout.time_axis]), float(hi[layout.time_axis]), layout.time_axis)
 
 
 def _build_network(o, explicit_storage, layout: Layout, generator, dtype, device) -> torch.nn.Module:
     network, n_in, n_out = o["network"], layout.dim, len(layout.output_names)
     if isinstance(network, Network):
         # initialize on the CPU (the run's generator lives there), then move
-        return network.build(n_in, n_out, o["storage"], generator, dtype, torch.device("cpu")).to(device)
+        return network.build(n_in, n_out, o["storage"], generator, dtype, torch.device("cpu"),
+                             input_names=layout.input_names).to(device)
     if isinstance(network, torch.nn.Module):
         if explicit_storage is not None:
             raise ValueError(
@@ -146,8 +167,13 @@ def _settle_cpu_allocator() -> None:
     del block
 
 
-def _new_history(term_names: Sequence[str], parameter_names: Sequence[str]) -> dict:
-    return {
+def _new_history(term_names: Sequence[str], parameter_names: Sequence[str], o: dict) -> dict:
+    extra = {}
+    if o["balance"] is not None:  # the weights after each update (rows in term_names order)
+        extra["balance"] = {"step": [], "weights": [], "gradient_norms": []}
+    if o["causal"] is not None:  # per step: the smallest causal weight of the step's loss
+        extra["causal"] = {"min_weight": []}
+    return {**extra,
         "step": [], "phase": [], "loss": [], "lr": [], "wall_time_s": [], "step_time_s": [],
         "terms": {name: [] for name in term_names},
         "parameters": {name: [] for name in parameter_names},
@@ -161,8 +187,17 @@ class _Run:
     """The state of one solve: built once, then driven phase by phase."""
 
     def __init__(self, problem: Problem, o: dict, explicit_storage, callbacks, progress: bool,
-                 compile: bool = False):
+                 compile: bool = False, group: Group | None = None):
         self.problem, self.o = problem, o
+        self.dist = group  # multi-process runs (`pinnsketch.training.distributed`); None: one process
+        if group is not None and o["causal"] is not None:
+            raise ValueError("causal=ps.Causal(...) is not supported in multi-process runs yet (each process would "
+                             "weigh time chunks by its own shard's losses); run it in one process")
+        if group is not None and o["balance"] is not None:
+            raise ValueError("balance=ps.GradNormWeights(...) is not supported in multi-process runs yet (each "
+                             "process would balance on its own shard's gradients); run it in one process or set "
+                             "loss_weights by hand")
+        self._balance_now = False  # set by the Adam loop on the steps that update the loss weights
         self.layout = layout = Layout.of(problem)
         conditions = list(problem.conditions)
         bad = [c for c in conditions if not isinstance(c, Condition)]
@@ -172,6 +207,8 @@ class _Run:
                 "ps.Periodic, ps.Initial, ps.InitialVelocity or ps.PointData"
             )
         self.dtype, self.device = _dtype(o["dtype"]), _device(o["device"])
+        if group is not None:
+            self.device = group.device  # one CUDA device per rank
         if self.device.type == "cpu":
             _settle_cpu_allocator()
         self.generator = torch.Generator().manual_seed(o["seed"])
@@ -185,16 +222,20 @@ class _Run:
         self.points = CollocationPoints(layout, conditions, o["points"], self.generator)
         self.points.sample()
         self.objective = Objective(problem, layout, self.network, get_provider(o["derivatives"]), self.points,
-                                   self.dtype, self.device, o["loss_weights"])
+                                   self.dtype, self.device, o["loss_weights"], _causal(o["causal"], layout, problem))
+        if group is not None:
+            self.objective.shard = group.shard_sets  # each rank evaluates its own rows of every set
         self.evaluator: Evaluator | None = None  # built in run(): references can be costly
         self.loss_source = self._loss_source(compile)
         self._names = ["loss", *self.objective.term_names]  # labels of a step's values in error messages
         adam, lbfgs = o["adam"], o["lbfgs"]
         self.callbacks = _check_callbacks(callbacks)
+        if group is not None and not group.main:
+            self.callbacks, progress = [], False  # rank 0 writes and reports; its stop flags are broadcast
         self.bar = ProgressBar(disable=None if progress else True)
         self.state = TrainingState(
             problem=problem, model=self.network, config=self._config(), max_steps=adam.steps + lbfgs.steps,
-            history=_new_history(self.objective.term_names, list(self.parameters)), parameters=self.parameters,
+            history=_new_history(self.objective.term_names, list(self.parameters), o), parameters=self.parameters,
             generator=self.generator, points=self.points, callbacks=self.callbacks,
         )
 
@@ -211,6 +252,8 @@ class _Run:
             "storage": storage if storage is None or isinstance(storage, str) else repr(storage),
             "adam": o["adam"].config(), "lbfgs": o["lbfgs"].config(), "points": o["points"].config(),
             "loss_weights": None if o["loss_weights"] is None else dict(o["loss_weights"]),
+            "balance": None if o["balance"] is None else o["balance"].config(),
+            "causal": None if o["causal"] is None else o["causal"].config(),
             "seed": o["seed"], "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
             "derivatives": obj.provider.name, "eval_every": o["eval_every"], "eval_points": o["eval_points"],
             "terms": list(obj.term_names),
@@ -219,6 +262,7 @@ class _Run:
             ],
             "parameters": {k: p.initial for k, p in type(self.problem).parameters().items()},
             "torch_version": torch.__version__,
+            **({} if self.dist is None else {"distributed": self.dist.config()}),
         }
 
     def _loss_source(self, compile: bool):
@@ -235,17 +279,40 @@ class _Run:
 
     # --- one step ------------------------------------------------------------------------
     def _loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted loss and its terms (k,); in a multi-process run this rank's share of each
+        term (the ranks' terms sum to the global ones, `Objective.term_scale`). On the steps the
+        Adam loop marks (`_balance_now`), the loss weights are updated first (`weighting.py`)."""
         terms = self.loss_source.terms()
+        if self.dist is not None:
+            terms = terms * self.objective.term_scale
+        if self._balance_now:
+            self._balance_now = False
+            self._balance(terms)
         return self.objective.total(terms), terms
 
     def _step(self, opt: torch.optim.Optimizer, phase: str, lr: float) -> StepRecord:
         """One optimizer step through `train_step`, metered on the steps `_metered` picks."""
+        reduce = None
+        if self.dist is not None:      # gradients and terms summed over the ranks; checked on the global values
+            reduce = functools.partial(self.dist.reduce_step, params=self.params)
         return train_step(
-            self.network, opt, self._loss, meter=self._metered(), names=self._names,
+            self.network, opt, self._loss, meter=self._metered(), names=self._names, reduce=reduce,
             where=f"step {self.state.step} ({phase})",
             hint=f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
                  "conditions for divisions by zero, logs of negatives or overflow.",
         )
+
+    def _balance(self, terms: torch.Tensor) -> None:
+        """Update the loss weights from the terms' gradient norms (`weighting.py`)."""
+        obj, option = self.objective, self.o["balance"]
+        if not bool(torch.isfinite(terms.detach()).all()):
+            return  # the divergence check after this reports it
+        norms = term_gradient_norms(terms, self.params)
+        obj.weights = balanced_weights(norms, obj.weights, option.alpha)
+        b = self.state.history["balance"]
+        b["step"].append(self.state.step)
+        b["weights"].append(obj.weights.tolist())
+        b["gradient_norms"].append(norms.tolist())
 
     def _finish_step(self, phase: str, record: StepRecord, lr: float, steps: int = 1) -> None:
         """Record a step of `steps` iterations (L-BFGS steps may run several)."""
@@ -265,6 +332,8 @@ class _Run:
             h["terms"][name].append(v)
         for name, p in self.parameters.items():
             h["parameters"][name].append(float(p.detach()))
+        if self.objective.causal is not None:
+            h["causal"]["min_weight"].append(self.objective.causal.min_weight())
         if meter is not None and getattr(meter, "peak_bytes", None) is not None:
             h["memory"]["step"].append(st.step)
             h["memory"]["saved_bytes"].append(int(meter.peak_bytes))
@@ -281,6 +350,8 @@ class _Run:
             st.storage_report = report() if callable(report) else []
         for cb in self._all_callbacks:
             cb.on_step(st)
+        if self.dist is not None:
+            self.dist.after_step(st, self.params)
 
     def _evaluate(self) -> None:
         ev = self.state.history["eval"]
@@ -310,7 +381,7 @@ class _Run:
         st.optimizer, st.stop_phase = optimizer, False
 
     def adam(self) -> None:
-        adam, pts, st = self.o["adam"], self.o["points"], self.state
+        adam, pts, st, balance = self.o["adam"], self.o["points"], self.state, self.o["balance"]
         if st.phase != "adam" or st.step >= adam.steps:
             return
         opt = adam.build(self.params)
@@ -320,7 +391,10 @@ class _Run:
             if pts.resample_every and step > 0 and step % pts.resample_every == 0:
                 self.points.resample()
             if isinstance(pts.refine, RAR) and step > 0 and step % pts.refine.every == 0:
-                added = refine_points(self.points, pts.refine, self.objective.pointwise)
+                scores = self.objective.pointwise
+                if self.dist is not None:  # each rank scores its block of the candidates; all get all scores
+                    scores = self.dist.gather_rows(scores)
+                added = refine_points(self.points, pts.refine, scores)
                 if added:
                     r = st.history["refine"]
                     r["step"].append(step)
@@ -329,6 +403,7 @@ class _Run:
             lr = adam.lr * adam.schedule(step, adam.steps)
             for group in opt.param_groups:
                 group["lr"] = lr
+            self._balance_now = balance is not None and step % balance.every == 0
             self._finish_step("adam", self._step(opt, "adam", lr), lr)
 
     def lbfgs(self) -> None:
@@ -342,6 +417,8 @@ class _Run:
         end = st.phase_start + lbfgs.steps
         while st.step < end and not (st.stop_phase or st.stop_training):
             LBFGS.limit(opt, min(lbfgs.max_iter, end - st.step), lbfgs.max_line_search)
+            if self.objective.causal is not None:
+                self.objective.causal.hold()  # one objective per L-BFGS step (`causal.py`)
             before = opt.state[self.params[0]].get("n_iter", 0)
             evals = opt.state[self.params[0]].get("func_evals", 0)
             record = self._step(opt, "lbfgs", lbfgs.lr)
@@ -365,6 +442,9 @@ class _Run:
         self.evaluator = Evaluator(self.problem, self.layout, self.o["eval_points"])
         if resume is not None:
             st.load_state_dict(resume)
+            weights = st.history.get("balance", {}).get("weights")
+            if weights:  # continue from the balanced weights, not the initial ones
+                self.objective.weights = torch.tensor(weights[-1], dtype=self.dtype, device=self.device)
         self._all_callbacks = [*self.callbacks, self.bar]
         self._t0, self._wall0 = time.perf_counter(), st.wall_time_s
         try:
@@ -376,6 +456,8 @@ class _Run:
             self.adam()
             st.stop_phase = False
             self.lbfgs()
+            if self.objective.causal is not None:
+                self.objective.causal.release()
             self._evaluate()
             result = self._result()
             for cb in self._all_callbacks:
@@ -394,6 +476,11 @@ class _Run:
         st, h = self.state, self.state.history
         report = getattr(self.network, "storage_report", None)
         st.storage_report = report() if callable(report) else []
+        if self.dist is not None:  # memory per rank, and the largest as the run's figure
+            saved, peak = self.dist.gather_ints([st.saved_bytes_peak, st.step_peak_bytes])
+            st.config["distributed"].update(saved_bytes_peak_per_rank=saved, step_peak_bytes_per_rank=peak)
+            st.saved_bytes_peak = max((v for v in saved if v is not None), default=None)
+            st.step_peak_bytes = max((v for v in peak if v is not None), default=None)
         timing: dict[str, float] = {"total_s": st.wall_time_s}
         compile_s = getattr(self.loss_source, "compile_s", None)
         if compile_s is not None:
@@ -462,10 +549,11 @@ def loss_terms(problem: Problem, network: torch.nn.Module, *, points: Points | N
 
 def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None, storage=None,
           adam: Adam | None = None, lbfgs: LBFGS | None = None, points: Points | None = None,
-          loss_weights: Mapping[str, float] | None = None, seed: int | None = None, dtype=None, device=None,
+          loss_weights: Mapping[str, float] | None = None, balance: GradNormWeights | None = None,
+          causal: Causal | None = None, seed: int | None = None, dtype=None, device=None,
           derivatives: str | None = None, eval_every: int | None = None, eval_points: int | None = None,
           progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None,
-          compile: bool = False) -> Result:
+          compile: bool = False, distributed: Distributed | bool | None = None) -> Result:
     """Train a PINN on `problem` and return a checked `Result`.
 
     Args (all keyword-only; None -> problem.solver_defaults, else `DEFAULTS`):
@@ -473,9 +561,14 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
             (with `.jet(x, spec)` for derivatives="jet").
         storage: storage policy of the built network: "exact", "checkpoint",
             "ema", "lowrank" (default), "projection" or a policy object.
-        adam, lbfgs: ps.Adam(steps, lr, schedule), ps.LBFGS(steps); steps=0 skips a phase.
+        adam, lbfgs: ps.Adam(steps, lr, schedule) (or ps.SOAP(...) for the first phase),
+            ps.LBFGS(steps); steps=0 skips a phase.
         points: ps.Points(domain, boundary, initial, sampler, resample_every, refine).
         loss_weights: {term: weight}; term names are in `result.config["terms"]`.
+        balance: ps.GradNormWeights(every, alpha): loss weights from the terms' gradient
+            norms during Adam, starting from loss_weights (history["balance"]).
+        causal: ps.Causal(chunks, tol): causal weights of the residual over time chunks
+            (time-dependent problems; history["causal"]["min_weight"] per step).
         seed: int; the network, sampling and sketches all derive from it.
         dtype: "float32" | "float64"; device: "cpu" | "cuda" | "auto".
         derivatives: "jet" (forward-mode jets) | "autograd" (nested autograd).
@@ -487,14 +580,20 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
             MLP/ResidualMLP and jets; other set-ups run eagerly with a warning, and so does a
             failed compilation). The compilation is timed as result.timing["compile_s"],
             outside the step times.
+        distributed: None (default): when launched by torchrun as one of several processes,
+            train as one rank of a process group (points sharded, loss and gradients
+            all-reduced: the objective is the single-process one; see `pinnsketch.distributed`);
+            a ps.Distributed(timeout_s, check_every, backend) sets its options; False: never.
+            Only rank 0 runs `callbacks` and the progress bar; every rank returns the Result.
 
     Raises:
         ProblemDefinitionError (a ValueError) for inconsistent problems,
         TrainingDivergedError (a FloatingPointError) when a loss term becomes NaN/inf.
     """
     given = dict(network=network, storage=storage, adam=adam, lbfgs=lbfgs, points=points,
-                 loss_weights=loss_weights, seed=seed, dtype=dtype, device=device, derivatives=derivatives,
+                 loss_weights=loss_weights, balance=balance, causal=causal, seed=seed, dtype=dtype, device=device, derivatives=derivatives,
                  eval_every=eval_every, eval_points=eval_points)
     options = _resolve(problem, given)
     _check_options(options)
-    return _Run(problem, options, storage, callbacks, progress, compile).run(resume)
+    with session(distributed, _device(options["device"])) as group:
+        return _Run(problem, options, storage, callbacks, progress, compile, group).run(resume)

@@ -92,6 +92,7 @@ def train_step(
     names: Sequence[str] = ("loss",),
     where: str = "this step",
     hint: str = "",
+    reduce: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, list[float]]] | None = None,
 ) -> StepRecord:
     """Run one optimizer step of `model` on `loss_fn`.
 
@@ -109,6 +110,10 @@ def train_step(
             the device on every evaluation).
         names: labels of [loss, *terms] for the error message.
         where, hint: the step and the advice the error message names.
+        reduce: multi-process training: (loss, terms) -> (global loss, [loss, *terms]) after
+            backward, summing the gradients over the processes too (`distributed.Group.reduce_step`).
+            The finiteness check then reads the global values, after backward and before the
+            update, so that every process raises alike.
 
     Returns:
         StepRecord of the first closure evaluation.
@@ -120,11 +125,18 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         loss, terms = loss_fn()
         values = None
-        if check:
-            values = _values(loss, terms)
-            _check_finite(values, names, where, hint)
-        del terms  # backward does not need it: freed before the step's peak
-        loss.backward()
+        if reduce is not None:
+            loss.backward()
+            loss, values = reduce(loss, terms)
+            del terms
+            if check:
+                _check_finite(values, names, where, hint)
+        else:
+            if check:
+                values = _values(loss, terms)
+                _check_finite(values, names, where, hint)
+            del terms  # backward does not need it: freed before the step's peak
+            loss.backward()
         if not first:
             first.append((loss.detach(), values))
         return loss

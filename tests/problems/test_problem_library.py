@@ -187,7 +187,7 @@ def test_inverse_problem_data_and_parameter():
 def test_registry():
     assert problems.names() == sorted(problems.names())
     assert {"burgers", "poisson", "heat", "wave", "helmholtz", "diffusion_reaction", "klein_gordon",
-            "kovasznay", "allen_cahn", "inverse_diffusion"} <= set(problems.names())
+            "kovasznay", "allen_cahn", "inverse_diffusion", "poisson_corner"} <= set(problems.names())
     assert type(problems.get("Klein-Gordon")).__name__ == "KleinGordon"
     assert problems.get("heat") is not problems.get("heat")  # fresh instances, no shared state
     with pytest.raises(ValueError, match="unknown problem 'navier'.*burgers"):

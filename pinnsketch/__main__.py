@@ -1,0 +1,8 @@
+"""`python -m pinnsketch ...` (and `torchrun -m pinnsketch ...`): the command line."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

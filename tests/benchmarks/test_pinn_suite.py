@@ -1,0 +1,55 @@
+"""benchmarks/pinn_suite.py on a few steps: what each record holds, the ratios, the command line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("bench_pinn_suite", ROOT / "benchmarks" / "pinn_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_records_options_results_and_ratios(suite, tmp_path, capsys):
+    out = tmp_path / "suite.json"
+    argv = ["--problems", "heat,", "--steps", "2", "--lbfgs-steps", "1", "--device", "cpu",
+            "--out", str(out)]
+    assert suite.main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert payload["command"] == "python benchmarks/pinn_suite.py " + " ".join(argv)
+    assert payload["torch"] and payload["cpu"] and payload["threads"] >= 1
+    assert [(r["problem"], r["storage"]) for r in payload["records"]] == [("heat", "exact"), ("heat", "lowrank")]
+    for r in payload["records"]:
+        assert "error" not in r, r.get("error")
+        assert r["adam_steps"] == 2 and r["lbfgs_steps"] <= 1 and r["wall_s"] > 0
+        assert r["options"]["network"] == {"width": 32, "depth": 4, "activation": "tanh"}
+        assert r["options"]["adam"]["steps"] == 2 and r["options"]["lbfgs"]["steps"] == 1
+        assert r["options"]["points"]["domain"] > 0 and r["config"]["storage"] == r["storage"]
+        assert r["l2_relative_error"] > 0 and r["passed"] == (r["l2_relative_error"] <= r["tolerance"])
+        assert r["saved_bytes_peak"] > 0 and r["step_peak_bytes"] > 0
+    e, lr = payload["records"]
+    assert lr["l2_ratio_to_exact"] == pytest.approx(lr["l2_relative_error"] / e["l2_relative_error"])
+    assert lr["saved_ratio_to_exact"] == pytest.approx(lr["saved_bytes_peak"] / e["saved_bytes_peak"])
+    assert lr["step_peak_ratio_to_exact"] == pytest.approx(lr["step_peak_bytes"] / e["step_peak_bytes"])
+    assert "l2_ratio_to_exact" not in e
+    table = capsys.readouterr().out
+    assert "| heat | " in table and "32x4 tanh" in table and "| 2+1 |" in table
+
+
+def test_quick_and_bad_arguments(suite, tmp_path):
+    with pytest.raises(SystemExit):
+        suite.main(["--problems", "heat,navier", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        suite.main(["--problems", "heat", "--steps", "-1", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+    assert suite._names(["heat,wave", "burgers"]) == ["heat", "wave", "burgers"]
+    assert suite.QUICK_STEPS["adam"] > 0 and suite.QUICK_STEPS["lbfgs"] > 0
