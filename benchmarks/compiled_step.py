@@ -38,22 +38,9 @@ NU = 0.01 / math.pi
 
 
 def burgers(x_ref=None, u_ref=None):
-    import pinnsketch.pinn as pp
-    from pinnsketch.pinn import geometry as G
+    from vs_deepxde import deepxde_burgers_problem
 
-    class Burgers(pp.Problem):
-        name = "burgers-deepxde-setup"
-        domain = G.Interval(-1, 1) * G.TimeDomain(0, 0.99)
-        conditions = [pp.Dirichlet(0.0), pp.Initial(lambda x: -torch.sin(math.pi * x[:, 0]))]
-
-        def residual(self, x, u):
-            return u.t + u * u.x - NU * u.xx
-
-        if x_ref is not None:
-            def reference(self):
-                return x_ref, u_ref
-
-    return Burgers()
+    return deepxde_burgers_problem(x_ref, u_ref)
 
 
 def options(storage: str, steps: int, seed: int) -> dict:
@@ -82,15 +69,11 @@ class PinnStepper:
         self.compile_s = time.perf_counter() - t0 if callable(prepare) else None
 
     def steps(self, n: int) -> None:
+        from pinnsketch.training import train_step
+
         run, opt = self.run, self.opt
-        for _ in range(n):
-            run._advance()
-            opt.zero_grad(set_to_none=True)
-            terms = run.loss_source.terms()
-            loss = run.objective.total(terms)
-            torch.cat([loss.detach().reshape(1), terms.detach()]).tolist()
-            loss.backward()
-            opt.step()
+        for _ in range(n):        # the solver's step (advance, loss, finiteness check, backward, update), unmetered
+            train_step(run.network, opt, run._loss, names=run._names)
 
 
 class FloorStepper:
@@ -177,7 +160,7 @@ def main(argv=None) -> int:
     if opts.l2_steps:
         from vs_deepxde import reference
 
-        x_ref, u_ref = reference()
+        x_ref, u_ref = reference(None)
         out["l2_steps"] = opts.l2_steps
         out["l2"] = {"eager_exact": l2_after(opts.l2_steps, opts.seed, False, x_ref, u_ref),
                      "compiled_exact": l2_after(opts.l2_steps, opts.seed, True, x_ref, u_ref)}

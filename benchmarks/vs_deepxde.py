@@ -221,7 +221,9 @@ def run_deepxde(clock: BlockClock, seed: int, device: torch.device, x_ref, u_ref
     return {"l2": l2(model.predict(x_ref), u_ref)}
 
 
-def run_pinnsketch(clock: BlockClock, options: dict, seed: int, device: torch.device, x_ref, u_ref) -> dict:
+def deepxde_burgers_problem(x_ref=None, u_ref=None):
+    """Burgers on DeepXDE's example domain (t up to 0.99) as a pinnsketch problem; its reference
+    (x_ref (N, 2), u_ref (N, 1)) when given."""
     import pinnsketch as ps
     from pinnsketch.pinn import geometry as G
 
@@ -233,8 +235,15 @@ def run_pinnsketch(clock: BlockClock, options: dict, seed: int, device: torch.de
         def residual(self, x, u):
             return u.t + u * u.x - NU * u.xx
 
-        def reference(self):
-            return x_ref, u_ref
+        if x_ref is not None:
+            def reference(self):
+                return x_ref, u_ref
+
+    return Burgers()
+
+
+def run_pinnsketch(clock: BlockClock, options: dict, seed: int, device: torch.device, x_ref, u_ref) -> dict:
+    import pinnsketch as ps
 
     class Turns(ps.Callback):
         def on_start(self, state):
@@ -245,7 +254,7 @@ def run_pinnsketch(clock: BlockClock, options: dict, seed: int, device: torch.de
 
     width, depth = SETUP["layers"][1], len(SETUP["layers"]) - 2
     result = ps.solve(
-        Burgers(), network=ps.Network(width=width, depth=depth, activation=SETUP["activation"]),
+        deepxde_burgers_problem(x_ref, u_ref), network=ps.Network(width=width, depth=depth, activation=SETUP["activation"]),
         adam=ps.Adam(steps=clock.total, lr=SETUP["lr"], schedule="constant"), lbfgs=ps.LBFGS(steps=0),
         points=ps.Points(domain=SETUP["domain"], boundary=SETUP["boundary"], initial=SETUP["initial"],
                          sampler="hammersley"),
