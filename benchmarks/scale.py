@@ -273,7 +273,7 @@ def accuracy_problem(args):
             name = f"helmholtz_{args.accuracy_periods}periods"
             k = 2 * math.pi * args.accuracy_periods
 
-        return PeriodsHelmholtz(), ps.Network(width=64, depth=4, activation="sin")
+        return PeriodsHelmholtz(), ps.Network(width=args.accuracy_width, depth=args.accuracy_depth, activation="sin")
 
     sigma, center = args.accuracy_sigma, (0.4, 0.6)
 
@@ -302,7 +302,19 @@ def accuracy_problem(args):
         def exact(self, x):
             return self._u(x)[0][:, None]
 
-    return SharpPeak(), ps.Network(width=64, depth=4, activation="tanh")
+    return SharpPeak(), ps.Network(width=args.accuracy_width, depth=args.accuracy_depth, activation="tanh")
+
+
+def probe_spec(spec: str) -> str:
+    """The storage spec a budget probe runs: `lowrank` with a byte cap in the largest configuration
+    the run can reach under that cap (starting at its r_max with int8 residual codes and no
+    shrinking during the probe; its start halves the rank until the cap holds); others as given."""
+    from pinnsketch.data.bench import parse_storage
+
+    if not spec.startswith("lowrank:") or "max_ratio" not in spec:
+        return spec
+    r_max = parse_storage(spec, defaults={}).r_max
+    return spec + f",initial_rank={r_max},residual=int8,patience=1000000"
 
 
 def accuracy(args, save=lambda records: None) -> list[dict]:
@@ -313,19 +325,19 @@ def accuracy(args, save=lambda records: None) -> list[dict]:
     problem, network = accuracy_problem(args)
     policies = {"exact": "exact", "lowrank": args.accuracy_lowrank}
 
-    def storage(system: str):
-        spec = policies[system]
+    def storage(spec: str):
         return make_storage(spec) if ":" not in spec else parse_storage(spec, defaults={})
 
-    def solve(system: str, n: int, adam: int, lbfgs: int, eval_every: int):
-        return ps.solve(problem, storage=storage(system), network=network,
+    def solve(spec: str, n: int, adam: int, lbfgs: int, eval_every: int):
+        return ps.solve(problem, storage=storage(spec), network=network,
                         points=ps.Points(domain=n, boundary=0, initial=0), adam=ps.Adam(steps=adam),
                         lbfgs=ps.LBFGS(steps=lbfgs), seed=0, device="cpu", progress=False, eval_every=eval_every)
 
     def peak_at(system: str, n: int) -> int:
-        """The largest step peak solve() meters over a short run at n points (every step metered):
-        the controller's first decisions included, not only the first step."""
-        return solve(system, n, args.accuracy_probe_steps, 2, eval_every=1).step_peak_bytes
+        """The largest step peak solve() meters over a short run at n points (every step metered).
+        `lowrank` is probed in the largest configuration its cap allows (`probe_spec`), so that rank
+        growth later in the run cannot leave the budget."""
+        return solve(probe_spec(policies[system]), n, args.accuracy_probe_steps, 2, eval_every=1).step_peak_bytes
 
     found = dict(args.accuracy_points or {})
     for system in ("exact", "lowrank"):
@@ -339,7 +351,8 @@ def accuracy(args, save=lambda records: None) -> list[dict]:
     records = []
     for system, n, at_max in (runs[name] for name in args.accuracy_runs):
         t0 = time.perf_counter()
-        result = solve(system, n, args.accuracy_adam, args.accuracy_lbfgs, eval_every=args.accuracy_eval_every)
+        result = solve(policies[system], n, args.accuracy_adam, args.accuracy_lbfgs,
+                       eval_every=args.accuracy_eval_every)
         records.append({"workload": f"{problem.name}_{network.activation}{network.width}x{network.depth}",
                         "storage": system, "storage_spec": policies[system],
                         "budget_bytes": args.accuracy_budget, "meter": "allocator", "max_points": n,
@@ -348,6 +361,7 @@ def accuracy(args, save=lambda records: None) -> list[dict]:
                         "l2_relative_error": result.l2_relative_error,
                         "adam_steps": args.accuracy_adam, "lbfgs_steps": args.accuracy_lbfgs,
                         "lbfgs_iterations": result.timing.get("lbfgs_steps"),
+                        "lbfgs_stop": result.history.get("lbfgs_stop"),
                         "train_seconds": time.perf_counter() - t0,
                         "step_time_s": result.timing.get("adam_ms_per_step", math.nan) / 1e3})
         records[-1]["ratio_to_exact"] = n / found["exact"]
@@ -375,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy-problem", choices=("peak", "helmholtz"), default="peak")
     p.add_argument("--accuracy-sigma", type=float, default=0.04, help="width of the peak problem's Gaussian")
     p.add_argument("--accuracy-periods", type=int, default=2, help="Helmholtz periods per direction")
+    p.add_argument("--accuracy-width", type=int, default=128, help="the accuracy network's width")
+    p.add_argument("--accuracy-depth", type=int, default=4, help="the accuracy network's hidden layers")
     p.add_argument("--accuracy-adam", type=int, default=2000)
     p.add_argument("--accuracy-lbfgs", type=int, default=500)
     p.add_argument("--accuracy-lowrank", default="lowrank:max_ratio=0.3",
