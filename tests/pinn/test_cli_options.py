@@ -172,3 +172,18 @@ def test_resume_refuses_the_new_option_flags(tmp_path, capsys):
     out = tmp_path / "done.h5"
     assert run(["solve", "--resume", str(out), "--causal", "chunks=4"]) == 2
     assert "leave out --causal" in capsys.readouterr().err
+
+
+def test_the_readme_example_command_parses_into_its_options():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Options on the command line"):]
+    block = section[section.index("```bash\n") + 8:section.index("\n```", section.index("```bash"))]
+    argv = block.replace("\\\n", " ").split()
+    assert argv[:2] == ["pinnsketch", "solve"]
+    args = build_parser().parse_args(argv[1:])
+    got = _solve_options(problems.get(args.problem), args)
+    assert got["network"] == ps.Network(width=32, depth=2, architecture="pirate", fourier=ps.Fourier(32, 2.0),
+                                        periodic={"x": 2.0}, factorized=ps.Factorized())
+    assert got["causal"] == ps.Causal(chunks=16) and got["points"] == ps.Points(domain=2000, refine=None)
