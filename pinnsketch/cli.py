@@ -2,6 +2,7 @@
 
     pinnsketch problems
     pinnsketch solve burgers --storage lowrank --out burgers.h5
+    pinnsketch solve allen_cahn --architecture pirate --fourier features=64,scale=2 --periodic x=2 --causal
     pinnsketch inspect burgers.h5 | plot burgers.h5 | bench mnist
 
 Each subcommand is a pair of small functions: `add_<name>_parser(subparsers)`
@@ -104,10 +105,9 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _keys(cls, skip=()) -> str:
+def _keys(cls) -> str:
     """`cls`'s keys with their defaults, for --help: "features=64, scale=1.0, trainable=False"."""
-    return ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls)
-                     if f.name not in skip and f.default is not dataclasses.MISSING)
+    return ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
 
 
 def _schedules() -> dict:
