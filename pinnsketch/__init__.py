@@ -35,8 +35,11 @@ from .pinn import (
     SOAP,
     Callback,
     Causal,
+    Constant,
+    Cosine,
     Dirichlet,
     Distributed,
+    Exponential,
     Factorized,
     Field,
     Fourier,
@@ -68,7 +71,7 @@ __all__ = [
     "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Fourier", "Factorized", "Adam",
     "LBFGS", "Points", "RAR", "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
     # training options
-    "GradNormWeights", "Causal", "SOAP", "WarmupExponential",
+    "GradNormWeights", "Causal", "SOAP", "Constant", "Cosine", "Exponential", "WarmupExponential",
     # the sketched-layer core
     "MLP", "ResidualMLP", "ModifiedMLP", "PirateNet", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring

@@ -2,6 +2,7 @@
 
     pinnsketch problems
     pinnsketch solve burgers --storage lowrank --out burgers.h5
+    pinnsketch solve allen_cahn --architecture pirate --fourier features=64,scale=2 --periodic x=2 --causal
     pinnsketch inspect burgers.h5 | plot burgers.h5 | bench mnist
 
 Each subcommand is a pair of small functions: `add_<name>_parser(subparsers)`
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -82,8 +84,9 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lbfgs-steps", type=int, default=None, metavar="M", help="L-BFGS iterations (0 skips)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     p.add_argument("--points", type=int, default=None, metavar="N", help="interior collocation points")
-    p.add_argument("--width", type=int, default=None, help="hidden width of the MLP")
-    p.add_argument("--depth", type=int, default=None, help="hidden layers of the MLP")
+    p.add_argument("--width", type=int, default=None, help="hidden width of the network")
+    p.add_argument("--depth", type=int, default=None, help="hidden layers of the network (pirate: gated blocks)")
+    add_option_arguments(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="default float32")
@@ -100,6 +103,68 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     add_distributed_arguments(p)
     p.set_defaults(func=solve_command)
     return p
+
+
+def _keys(cls) -> str:
+    """`cls`'s keys with their defaults, for --help: "features=64, scale=1.0, trainable=False"."""
+    return ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
+
+
+def _schedules() -> dict:
+    """The learning-rate schedules by their command-line names: {"warmup-exponential": WarmupExponential, ...}."""
+    from .pinn.options import SCHEDULES
+
+    return {re.sub(r"(?<!^)(?=[A-Z])", "-", cls.__name__).lower(): cls for cls in SCHEDULES.values()}
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """Network and training options of `solve` (`ps.Network`, `ps.Adam`/`ps.SOAP`, schedules, `ps.LBFGS`,
+    `ps.RAR`, `ps.GradNormWeights`, `ps.Causal`) as NAME / KEY=VALUE,... specs, read by `_solve_options`."""
+    from .pinn.causal import Causal
+    from .pinn.options import ARCHITECTURES, LBFGS, RAR, Factorized, Fourier
+    from .pinn.weighting import GradNormWeights
+
+    net = parser.add_argument_group(
+        "network options (ps.Network; KEY=VALUE,... as in --storage; 'none' turns an option off)")
+    net.add_argument("--architecture", default=None, choices=ARCHITECTURES,
+                     help="mlp (default), modified (gated MLP) or pirate (PirateNet: gated residual blocks)")
+    net.add_argument("--activation", default=None, help="tanh (default), sin, relu, gelu")
+    net.add_argument("--fourier", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                     help=f"random Fourier features, ps.Fourier: {_keys(Fourier)} (e.g. --fourier "
+                          "features=128,scale=2; the flag alone: these defaults)")
+    net.add_argument("--periodic", default=None, metavar="NAME=PERIOD,...",
+                     help="exactly periodic in these inputs, e.g. --periodic x=2 (or x=2,y=1); the period is the "
+                          "domain's length along the input")
+    net.add_argument("--harmonics", type=int, default=None, metavar="K",
+                     help="harmonics of the --periodic embedding (default 1)")
+    net.add_argument("--factorized", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                     help=f"random weight factorization, ps.Factorized: {_keys(Factorized)} (the flag alone: "
+                          "these defaults)")
+    train = parser.add_argument_group(
+        "training options (KEY=VALUE,... as in --storage; a flag changes only the keys it names; values "
+        "not given keep the problem's defaults)")
+    train.add_argument("--optimizer", default=None, metavar="NAME[:KEY=VALUE,...]",
+                       help="first phase: adam (default) or soap (ps.SOAP, Adam in Shampoo's eigenbasis); keys: "
+                            "steps, lr, precondition_every (soap, default 10)")
+    schedules = "; ".join(name + (f" ({_keys(c)})" if dataclasses.fields(c) else "")
+                          for name, c in _schedules().items())
+    train.add_argument("--schedule", default=None, metavar="NAME[:KEY=VALUE,...]",
+                       help=f"learning-rate schedule of the first phase: {schedules}; e.g. --schedule "
+                            "warmup-exponential:warmup=500")
+    train.add_argument("--lbfgs", default=None, metavar="KEY=VALUE,...",
+                       help=f"L-BFGS phase, ps.LBFGS: {_keys(LBFGS)} (--lbfgs-steps wins over steps=)")
+    train.add_argument("--refine", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                       help=f"residual-based refinement during Adam, ps.RAR: {_keys(RAR)} (the flag alone: these "
+                            "defaults; none: off)")
+    train.add_argument("--balance", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                       help=f"gradient-norm loss balancing, ps.GradNormWeights: {_keys(GradNormWeights)} (the flag "
+                            "alone: these defaults)")
+    train.add_argument("--causal", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                       help=f"causal residual weights (time-dependent problems), ps.Causal: {_keys(Causal)} (the "
+                            "flag alone: these defaults)")
+    train.add_argument("--loss-weights", default=None, metavar="TERM=WEIGHT,...",
+                       help="fixed loss weights, e.g. pde=1,initial_u=10 (the term names: `pinnsketch inspect` of "
+                            "a run, or result.config['terms'])")
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,13 +185,101 @@ def distributed_options(args: argparse.Namespace):
 
 
 # Flags that change what a run computes (refused with --resume: the file fixes them).
-_TRAINING_FLAGS = ("storage", "steps", "lbfgs_steps", "lr", "points", "width", "depth", "seed", "dtype",
-                   "derivatives", "eval_every", "from_file", "monitor_rank")
+_NETWORK_FLAGS = ("width", "depth", "architecture", "activation", "fourier", "periodic", "harmonics", "factorized")
+_OPTION_FLAGS = ("optimizer", "schedule", "lbfgs", "refine", "balance", "causal", "loss_weights")
+_TRAINING_FLAGS = ("storage", "steps", "lbfgs_steps", "lr", "points", *_NETWORK_FLAGS, *_OPTION_FLAGS, "seed",
+                   "dtype", "derivatives", "eval_every", "from_file", "monitor_rank")
+# Flags whose value is optional: `solve --causal allen_cahn` reads the problem name as their value.
+_OPTIONAL_VALUE_FLAGS = ("fourier", "factorized", "refine", "balance", "causal")
+_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def _from_spec(flag: str, text: str, cls, base=None, keys=None, example: str = "", where: str = ""):
+    """A `cls` dataclass from the spec "KEY=VALUE,..." of `flag`: the given keys over `base` (an instance
+    of `cls`, else `cls`'s defaults). `keys` limits the keys the flag takes (default: all fields);
+    `where` names the spec in errors (default: the flag and `text`)."""
+    from .data.bench import parse_key_values
+
+    where = where or f"{flag} {text!r}"
+    given = parse_key_values(text, where, f"{flag} {example}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if keys is None or f.name in keys}
+    unknown = [k for k in given if k not in fields]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; {flag} takes "
+                         + (f"{', '.join(fields)} (e.g. {flag} {example})" if fields else "no keys here"))
+    for key, value in given.items():     # the field's type, so a bad value is named before any training
+        kind = _TYPES.get(getattr(fields[key].type, "__name__", fields[key].type))
+        if kind is None or type(value) is kind:
+            continue
+        if kind is float and type(value) is int:
+            given[key] = float(value)
+        else:
+            raise ValueError(f"{where}: {key}={value!r} must be "
+                             f"{ {int: 'an int', float: 'a number', bool: 'true or false'}[kind]}")
+    try:
+        return dataclasses.replace(base, **given) if isinstance(base, cls) else cls(**given)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _named_spec(flag: str, text: str, choices: dict, base=None, keys=None, carry=()):
+    """NAME[:KEY=VALUE,...] of `flag`, NAME a key of `choices` (case, '-' and '_' ignored): that class with
+    the given keys over `base` when it is of that class, else over the class's defaults and `base`'s
+    `carry` fields."""
+    def plain(name: str) -> str:
+        return name.lower().replace("-", "").replace("_", "")
+
+    name, _, options = text.partition(":")
+    found = [(k, c) for k, c in choices.items() if plain(k) == plain(name)]
+    if not found:
+        raise ValueError(f"unknown {flag[2:]} {name!r} in {flag} {text!r}; choose one of {', '.join(choices)}, "
+                         "optionally with options as NAME:KEY=VALUE,...")
+    name, cls = found[0]
+    if base is not None and type(base) is not cls:
+        base = cls(**{k: getattr(base, k) for k in carry})
+    first = next((f for f in dataclasses.fields(cls) if keys is None or f.name in keys), None)
+    example = f"{name}:{first.name}={first.default}" if first is not None else name
+    return _from_spec(flag, options, cls, base, keys, example=example, where=f"{flag} {text!r}")
+
+
+def _network_options(problem, args: argparse.Namespace, network):
+    """`network` (a `ps.Network`) with the network flags applied."""
+    from .data.bench import parse_key_values
+    from .pinn.options import Factorized, Fourier
+
+    given = [_flag(k) for k in _NETWORK_FLAGS if getattr(args, k) is not None]
+    if not given:
+        return network
+    if not dataclasses.is_dataclass(network):
+        raise CommandError(f"{problem.name} builds its own network; {' '.join(given)} do not apply", 2)
+    changes = {k: getattr(args, k) for k in ("width", "depth", "architecture", "activation", "harmonics")
+               if getattr(args, k) is not None}
+    for key, cls, example in (("fourier", Fourier, "features=128,scale=2"),
+                              ("factorized", Factorized, "mean=1,std=0.1")):
+        text = getattr(args, key)
+        if text is not None:
+            changes[key] = None if text.lower() == "none" else _from_spec(
+                _flag(key), text, cls, getattr(network, key), example=example)
+    if args.periodic is not None:
+        periodic = None if args.periodic.lower() == "none" else parse_key_values(
+            args.periodic, f"--periodic {args.periodic!r}", "--periodic x=2", what="input")
+        changes["periodic"] = periodic
+        if periodic is None and "harmonics" not in changes:
+            changes["harmonics"] = 1
+    return dataclasses.replace(network, **changes)
 
 
 def _solve_options(problem, args: argparse.Namespace, recorded: dict | None = None) -> dict:
     """Keyword arguments of `solve` from the flags, on top of `recorded` (--from) or the problem's defaults."""
+    from .data.bench import parse_key_values
+    from .pinn.causal import Causal
+    from .pinn.options import LBFGS, RAR, SOAP, Adam
     from .pinn.solver import problem_defaults
+    from .pinn.weighting import GradNormWeights
 
     base = {**problem_defaults(problem), **(recorded or {})}
     options: dict = dict(recorded or {})
@@ -136,13 +289,44 @@ def _solve_options(problem, args: argparse.Namespace, recorded: dict | None = No
         if changes:
             options[key] = dataclasses.replace(options.get(key, base[key]), **changes)
 
+    def current(key: str):
+        return options.get(key, base[key])
+
+    if args.optimizer is not None:
+        options["adam"] = _named_spec("--optimizer", args.optimizer, {"adam": Adam, "soap": SOAP}, current("adam"),
+                                      keys=("steps", "lr", "precondition_every"), carry=("steps", "lr", "schedule"))
+    if args.schedule is not None:
+        schedule = _named_spec("--schedule", args.schedule, _schedules(), current("adam").schedule)
+        options["adam"] = dataclasses.replace(current("adam"), schedule=schedule)
     updated("adam", steps=args.steps, lr=args.lr)
+    if args.lbfgs is not None:
+        options["lbfgs"] = _from_spec("--lbfgs", args.lbfgs, LBFGS, current("lbfgs"),
+                                      example="history_size=100,max_iter=50")
     updated("lbfgs", steps=args.lbfgs_steps)
+    if args.refine is not None:
+        refine = None if args.refine.lower() == "none" else _from_spec(
+            "--refine", args.refine, RAR, current("points").refine, example="every=500,add=100")
+        options["points"] = dataclasses.replace(current("points"), refine=refine)
     updated("points", domain=args.points)
-    if args.width is not None or args.depth is not None:
-        if not dataclasses.is_dataclass(base["network"]):
-            raise CommandError(f"{problem.name} builds its own network; --width/--depth do not apply", 2)
-        updated("network", width=args.width, depth=args.depth)
+    network = _network_options(problem, args, current("network"))
+    if network is not current("network"):
+        options["network"] = network
+    for key, cls, example in (("balance", GradNormWeights, "every=500,alpha=0.9"),
+                              ("causal", Causal, "chunks=32,tol=1")):
+        text = getattr(args, key)
+        if text is None:
+            continue
+        if text.lower() == "none":
+            if problem_defaults(problem)[key] is not None:
+                raise CommandError(f"{problem.name} turns on {key} by default and solve() cannot turn it off; "
+                                   f"give other options instead, e.g. {_flag(key)} {example}", 2)
+            options[key] = None
+        else:
+            options[key] = _from_spec(_flag(key), text, cls, current(key), example=example)
+    if args.loss_weights is not None:
+        options["loss_weights"] = None if args.loss_weights.lower() == "none" else parse_key_values(
+            args.loss_weights, f"--loss-weights {args.loss_weights!r}", "--loss-weights pde=1,initial_u=10",
+            what="term")
     for key in ("storage", "seed", "device", "dtype", "derivatives", "eval_every"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -212,7 +396,7 @@ def solve_command(args: argparse.Namespace) -> int:
     recorded = None
     source = args.resume or args.from_file
     if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k in _TRAINING_FLAGS if getattr(args, k) is not None]
+        given = [_flag(k) for k in _TRAINING_FLAGS if getattr(args, k) is not None]
         if given:
             raise CommandError(f"--resume continues {args.resume} with the options recorded in it; leave out "
                                f"{' '.join(given)} (or start a new run with --from {args.resume} --out NEW.h5)", 2)
@@ -227,6 +411,10 @@ def solve_command(args: argparse.Namespace) -> int:
                                "the problem name", 2)
         args.problem = config["problem"]
     if args.problem is None:
+        for key in _OPTIONAL_VALUE_FLAGS:
+            if getattr(args, key) in problems.names():
+                raise CommandError(f"{_flag(key)} took {getattr(args, key)!r} as its value; put the problem name "
+                                   f"first: pinnsketch solve {getattr(args, key)} {_flag(key)} ...", 2)
         raise CommandError("the following arguments are required: problem (or --resume FILE / --from FILE)", 2)
     problem = problems.get(args.problem)
     options = _solve_options(problem, args, recorded)

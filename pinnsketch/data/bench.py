@@ -23,7 +23,7 @@ from ..nn import STORAGES
 from .classify import MINIBATCH_OPTIONS, make_classifier, train_classifier
 from .loaders import DATASETS, load_dataset
 
-__all__ = ["BENCH_DEFAULTS", "DEFAULT_STORAGES", "parse_storage", "run_bench", "format_table",
+__all__ = ["BENCH_DEFAULTS", "DEFAULT_STORAGES", "parse_storage", "parse_key_values", "run_bench", "format_table",
            "add_bench_parser", "add_bench_arguments", "bench_command", "command_line", "git_commit", "jsonable"]
 
 #: Every registered policy, in registry order (exact, checkpoint, ema, lowrank, projection).
@@ -51,6 +51,23 @@ def _parse_value(text: str):
     return text
 
 
+def parse_key_values(text: str, where: str, example: str, what: str = "option") -> dict:
+    """{KEY: value} of a command-line spec "KEY=VALUE,KEY=VALUE" ("" gives {}).
+
+    Values are read as int, float, true/false, none, else strings. `where` names the spec in
+    errors (e.g. "--fourier 'features=16'"), `example` is a valid spec the error suggests.
+    """
+    kwargs = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ValueError(f"{what} {item!r} in {where} is not KEY=VALUE; write e.g. {example}")
+        if key in kwargs:
+            raise ValueError(f"{what} {key!r} is given twice in {where}; give it once")
+        kwargs[key] = _parse_value(value)
+    return kwargs
+
+
 def parse_storage(spec, defaults=MINIBATCH_OPTIONS):
     """A policy from a command-line spec: "NAME" or "NAME:KEY=VALUE,KEY=VALUE".
 
@@ -69,12 +86,7 @@ def parse_storage(spec, defaults=MINIBATCH_OPTIONS):
     name, _, options = spec.partition(":")
     if name not in STORAGES:
         raise ValueError(f"unknown storage policy {name!r} in {spec!r}; choose one of {', '.join(STORAGES)}")
-    kwargs = {}
-    for item in filter(None, options.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.isidentifier():
-            raise ValueError(f"storage option {item!r} in {spec!r} is not KEY=VALUE; write e.g. {name}:rank=8")
-        kwargs[key] = _parse_value(value)
+    kwargs = parse_key_values(options, repr(spec), f"{name}:rank=8", what="storage option")
     kwargs = {**defaults.get(name, {}), **kwargs}      # the classifier's mini-batch defaults
     try:
         return STORAGES[name](**kwargs)
