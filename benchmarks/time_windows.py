@@ -13,6 +13,7 @@ steps at these budgets) and the problem's network. The error is the final relati
 problem's reference; with windows also each window's error on its own times.
 
     OMP_NUM_THREADS=1 python benchmarks/time_windows.py --problem allen_cahn --adam 2000 --lbfgs 400
+    OMP_NUM_THREADS=1 python benchmarks/time_windows.py --problem allen_cahn --rows one_network windows4 --seed 1
     python benchmarks/time_windows.py --quick --out /tmp/tw.json       # smoke test
 """
 
@@ -50,9 +51,9 @@ def run_row(problem: str, name: str, args) -> dict:
     result = ps.solve(problems.get(problem), storage=args.storage, adam=ps.Adam(steps=args.adam // k),
                       lbfgs=ps.LBFGS(steps=args.lbfgs // k), points=ps.Points(domain=args.points, refine=None),
                       windows=None if windows is None else ps.TimeWindows(windows), causal=causal,
-                      eval_every=max(args.adam // k, 1), progress=False)
+                      eval_every=max(args.adam // k, 1), seed=args.seed, progress=False)
     record = {
-        "problem": problem, "row": name, "storage": args.storage, "windows": windows,
+        "problem": problem, "row": name, "storage": args.storage, "seed": args.seed, "windows": windows,
         "causal": None if causal is None else result.config["causal"],
         "l2_relative_error": result.l2_relative_error,
         "adam_steps_per_window": args.adam // k, "lbfgs_steps_per_window": args.lbfgs // k,
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lbfgs", type=int, default=400, help="total L-BFGS iterations (split over the windows)")
     parser.add_argument("--points", type=int, default=4000, help="interior points (per window with windows)")
     parser.add_argument("--storage", default="exact")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="8 + 4 steps, 200 points per row (smoke test)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -86,13 +88,14 @@ def main(argv=None) -> int:
                       torch=torch.__version__, cpu=cpu_model(), threads=torch.get_num_threads(),
                       python=platform.python_version(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                       measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        print(f"{args.problem} {name}: L2 {record['l2_relative_error']:.3e} wall {record['train_wall_s']:.0f}s"
+        print(f"{args.problem} {name} seed {args.seed}: L2 {record['l2_relative_error']:.3e} wall {record['train_wall_s']:.0f}s"
               + (f" per window {record['per_window']['l2_relative_error']}" if "per_window" in record else ""),
               flush=True)
         if not args.quick or args.out != OUT:
             data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-            key = (record["problem"], record["row"], record["storage"])
-            data["rows"] = [r for r in data["rows"] if (r["problem"], r["row"], r["storage"]) != key] + [record]
+            key = (record["problem"], record["row"], record["storage"], record["seed"])
+            data["rows"] = [r for r in data["rows"]
+                            if (r["problem"], r["row"], r["storage"], r.get("seed", 0)) != key] + [record]
             args.out.write_text(json.dumps(data, indent=1) + "\n")
     return 0
 

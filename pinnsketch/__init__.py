@@ -52,6 +52,7 @@ from .pinn import (
     Problem,
     Result,
     Robin,
+    TimeWindowNetwork,
     TimeWindows,
     TrainingState,
     WarmupExponential,
@@ -69,7 +70,7 @@ __all__ = [
     "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Fourier", "Factorized", "Adam",
     "LBFGS", "Points", "RAR", "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
     # training options
-    "GradNormWeights", "Causal", "TimeWindows", "SOAP", "WarmupExponential",
+    "GradNormWeights", "Causal", "TimeWindows", "TimeWindowNetwork", "SOAP", "WarmupExponential",
     # the sketched-layer core
     "MLP", "ResidualMLP", "ModifiedMLP", "PirateNet", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring

@@ -686,7 +686,8 @@ def loss_terms(problem: Problem, network: torch.nn.Module, *, points: Points | N
 def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None, storage=None,
           adam: Adam | None = None, lbfgs: LBFGS | None = None, points: Points | None = None,
           loss_weights: Mapping[str, float] | None = None, balance: GradNormWeights | None = None,
-          causal: Causal | None = None, windows: TimeWindows | None = None, seed: int | None = None, dtype=None, device=None,
+          causal: Causal | None = None, windows: TimeWindows | None = None, seed: int | None = None,
+          dtype=None, device=None,
           derivatives: str | None = None, eval_every: int | None = None, eval_points: int | None = None,
           progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None,
           compile: bool = False, distributed: Distributed | bool | None = None) -> Result:
@@ -732,7 +733,8 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
         TrainingDivergedError (a FloatingPointError) when a loss term becomes NaN/inf.
     """
     given = dict(network=network, storage=storage, adam=adam, lbfgs=lbfgs, points=points,
-                 loss_weights=loss_weights, balance=balance, causal=causal, windows=windows, seed=seed, dtype=dtype, device=device, derivatives=derivatives,
+                 loss_weights=loss_weights, balance=balance, causal=causal, windows=windows, seed=seed, dtype=dtype,
+                 device=device, derivatives=derivatives,
                  eval_every=eval_every, eval_points=eval_points)
     options = _resolve(problem, given)
     _check_options(options)

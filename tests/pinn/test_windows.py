@@ -209,9 +209,9 @@ class Interrupt(ps.Callback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("at", [6, 22])  # in window 0 (Adam), in window 1 (Adam)
-def test_marched_run_resumes_where_it_stopped(at):
-    kw = dict(SMALL, windows=ps.TimeWindows(2), seed=1,
+@pytest.mark.parametrize("at, storage", [(6, "exact"), (22, "exact"), (22, "lowrank")])  # windows 0 and 1
+def test_marched_run_resumes_where_it_stopped(at, storage):
+    kw = dict(SMALL, windows=ps.TimeWindows(2), seed=1, storage=storage,
               points=ps.Points(domain=60, boundary=12, initial=12, sampler="random", resample_every=5))
     full = ps.solve(Heat(), **kw)
     stop = Interrupt(at)
