@@ -226,6 +226,21 @@ def test_marched_run_resumes_where_it_stopped(at, storage):
         ps.solve(Heat(), **{**kw, "windows": None}, resume=stop.saved)
 
 
+def test_interrupted_marched_run_file_resumes_from_the_command_line(tmp_path):
+    from pinnsketch.cli import main
+
+    path = tmp_path / "heat.h5"
+    kw = dict(SMALL, windows=ps.TimeWindows(2))
+    full = ps.solve(Heat(), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        ps.solve(Heat(), callbacks=[RunWriter(path, checkpoint_every=10), Interrupt(23)], **kw)
+    assert load_checkpoint(path)["history"]["windows"]["index"] == [0, 1]  # the checkpoint of step 20
+    assert main(["solve", "--resume", str(path), "--no-progress"]) == 0
+    run = ps.load(path)
+    assert run.completed and run.steps == 32 and run.config["windows"]["windows"] == 2
+    assert run.l2_relative_error == pytest.approx(full.l2_relative_error, rel=1e-6)
+
+
 def test_hard_initial_condition_gets_an_initial_term_from_window_1():
     r = ps.solve(HardDecay(), windows=ps.TimeWindows(2), loss_weights={"initial_u": 2.0}, **SMALL)
     assert r.config["terms"] == ["pde", "initial_u"]
