@@ -55,6 +55,8 @@ from .pinn import (
     Problem,
     Result,
     Robin,
+    TimeWindowNetwork,
+    TimeWindows,
     TrainingState,
     WarmupExponential,
     geometry,
@@ -71,7 +73,8 @@ __all__ = [
     "InitialVelocity", "PointData", "solve", "Distributed", "Result", "Network", "Fourier", "Factorized", "Adam",
     "LBFGS", "Points", "RAR", "Callback", "TrainingState", "EarlyStopping", "TrainingDivergedError",
     # training options
-    "GradNormWeights", "Causal", "SOAP", "Constant", "Cosine", "Exponential", "WarmupExponential",
+    "GradNormWeights", "Causal", "TimeWindows", "TimeWindowNetwork", "SOAP", "Constant", "Cosine", "Exponential",
+    "WarmupExponential",
     # the sketched-layer core
     "MLP", "ResidualMLP", "ModifiedMLP", "PirateNet", "CNN", "Jet", "JetSpec", "make_storage", "MemoryMeter",
     # runs and monitoring

@@ -352,6 +352,7 @@ def solve_options_from_config(config: dict) -> dict:
     from .pinn.causal import Causal
     from .pinn.options import LBFGS, RAR, SCHEDULES, SOAP, Adam, Network, Points
     from .pinn.weighting import GradNormWeights
+    from .pinn.windows import TimeWindows
 
     missing = [k for k in ("problem", "network", "storage", "adam", "lbfgs", "points", "seed") if k not in config]
     if missing:
@@ -374,7 +375,7 @@ def solve_options_from_config(config: dict) -> dict:
     options = {"network": Network(**network), "storage": config["storage"], "adam": first(**adam),
                "lbfgs": LBFGS(**config["lbfgs"]), "points": Points(**points), "seed": config["seed"],
                "loss_weights": config.get("loss_weights")}
-    for key, cls in (("balance", GradNormWeights), ("causal", Causal)):
+    for key, cls in (("balance", GradNormWeights), ("causal", Causal), ("windows", TimeWindows)):
         recorded_option = dict(config.get(key) or {})
         recorded_option.pop("name", None)
         options[key] = cls(**recorded_option) if config.get(key) else None

@@ -13,6 +13,7 @@ from .problem import Parameter, Problem
 from .result import Result
 from .solver import DEFAULTS, loss_terms, solve
 from .weighting import GradNormWeights
+from .windows import TimeWindowNetwork, TimeWindows
 from ..training import Callback, EarlyStopping, ProgressBar, TrainingState
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "SOAP",
     "GradNormWeights",
     "Causal",
+    "TimeWindows",
+    "TimeWindowNetwork",
     "Points",
     "RAR",
     "Schedule",

@@ -16,7 +16,8 @@ all times train, near 0 the late times wait. During Adam the weights follow
 every loss evaluation; during L-BFGS they are computed at the first evaluation
 of each L-BFGS step and held for its iterations and line searches (`hold`),
 since weights that move between evaluations break the line search and the
-curvature pairs. Time-window marching is not implemented.
+curvature pairs. With time-window marching (`ps.TimeWindows`, `windows.py`) the chunks
+split each window's own interval.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ matrices.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -36,6 +37,8 @@ from .problem import Layout, Problem
 from .result import Evaluator, Result, predict
 from .sampling import CollocationPoints, refine_points
 from .weighting import GradNormWeights, balanced_weights, term_gradient_norms
+from .windows import (TimeWindowNetwork, TimeWindows, check_windows, continuation_conditions, window_bounds,
+                      window_errors, window_problem)
 
 __all__ = ["solve", "loss_terms", "problem_defaults", "DEFAULTS", "DTYPES"]
 
@@ -50,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "loss_weights": None,
     "balance": None,
     "causal": None,
+    "windows": None,
     "seed": 0,
     "dtype": "float32",
     "device": "auto",
@@ -109,7 +113,7 @@ def _check_options(o: dict[str, Any]) -> None:
             raise ValueError(f"{key}={v!r} must be a positive int")
     if o["loss_weights"] is not None and not isinstance(o["loss_weights"], Mapping):
         raise TypeError(f"loss_weights={o['loss_weights']!r} must be None or a dict {{term: weight}}")
-    for key, cls in (("balance", GradNormWeights), ("causal", Causal)):
+    for key, cls in (("balance", GradNormWeights), ("causal", Causal), ("windows", TimeWindows)):
         if o[key] is not None and not isinstance(o[key], cls):
             raise TypeError(f"{key}={o[key]!r} must be None or a ps.{cls.__name__}(...)")
 
@@ -173,6 +177,10 @@ def _new_history(term_names: Sequence[str], parameter_names: Sequence[str], o: d
         extra["balance"] = {"step": [], "weights": [], "gradient_norms": []}
     if o["causal"] is not None:  # per step: the smallest causal weight of the step's loss
         extra["causal"] = {"min_weight": []}
+    if o["windows"] is not None:  # per step: its time window; per window: its steps, error, L-BFGS stop
+        extra["window"] = []
+        extra["windows"] = {"index": [], "t0": [], "t1": [], "first_step": [], "last_step": [],
+                            "l2_relative_error": [], "lbfgs_stop": []}
     return {**extra,
         "step": [], "phase": [], "loss": [], "lr": [], "wall_time_s": [], "step_time_s": [],
         "terms": {name: [] for name in term_names},
@@ -197,15 +205,15 @@ class _Run:
             raise ValueError("balance=ps.GradNormWeights(...) is not supported in multi-process runs yet (each "
                              "process would balance on its own shard's gradients); run it in one process or set "
                              "loss_weights by hand")
+        if o["windows"] is not None and group is not None:
+            raise ValueError("windows=ps.TimeWindows(...) is not supported in multi-process runs yet (the windows' "
+                             "initial targets and point sets are not sharded); run it in one process")
+        if o["windows"] is not None and compile:
+            raise ValueError("windows=ps.TimeWindows(...) cannot run with compile=True: each window's loss reads the "
+                             "previous window's network through its initial targets, which the compiled step does "
+                             "not trace; pass compile=False")
         self._balance_now = False  # set by the Adam loop on the steps that update the loss weights
         self.layout = layout = Layout.of(problem)
-        conditions = list(problem.conditions)
-        bad = [c for c in conditions if not isinstance(c, Condition)]
-        if bad:
-            raise ProblemDefinitionError(
-                f"{type(problem).__name__}.conditions has {bad!r}; use ps.Dirichlet, ps.Neumann, ps.Robin, "
-                "ps.Periodic, ps.Initial, ps.InitialVelocity or ps.PointData"
-            )
         self.dtype, self.device = _dtype(o["dtype"]), _device(o["device"])
         if group is not None:
             self.device = group.device  # one CUDA device per rank
@@ -217,27 +225,122 @@ class _Run:
             name: torch.nn.Parameter(torch.tensor(p.initial, dtype=self.dtype, device=self.device))
             for name, p in type(problem).parameters().items()
         }
-        problem._bind_parameters(self.parameters)
-        self.params = [*self.network.parameters(), *self.parameters.values()]
-        self.points = CollocationPoints(layout, conditions, o["points"], self.generator)
-        self.points.sample()
-        self.objective = Objective(problem, layout, self.network, get_provider(o["derivatives"]), self.points,
-                                   self.dtype, self.device, o["loss_weights"], _causal(o["causal"], layout, problem))
-        if group is not None:
-            self.objective.shard = group.shard_sets  # each rank evaluates its own rows of every set
+        # the module that maps points to the solution: the network, or the windows' networks (`windows.py`)
+        self.solution: torch.nn.Module = self.network
+        self.window: int | None = None  # the time window being trained (marching), else None
+        self.start = 0  # the step at which this window's phases start (0 without windows)
+        first = problem
+        if o["windows"] is not None:
+            check_windows(problem, layout, o["windows"])
+            lo, hi = layout.domain.bbox
+            bounds = window_bounds(float(lo[layout.time_axis]), float(hi[layout.time_axis]), o["windows"].windows)
+            members = [self.network, *(copy.deepcopy(self.network) for _ in bounds[2:])]
+            self.solution = TimeWindowNetwork(members, bounds=bounds, time_axis=layout.time_axis)
+            self.solution.active.fill_(0)
+            self.window = 0
+            first = window_problem(problem, layout, bounds[0], bounds[1], problem.conditions)
+        self._setup(first, self.network, compile)
+        self.term_names = self._run_terms()
         self.evaluator: Evaluator | None = None  # built in run(): references can be costly
-        self.loss_source = self._loss_source(compile)
-        self._names = ["loss", *self.objective.term_names]  # labels of a step's values in error messages
         adam, lbfgs = o["adam"], o["lbfgs"]
         self.callbacks = _check_callbacks(callbacks)
         if group is not None and not group.main:
             self.callbacks, progress = [], False  # rank 0 writes and reports; its stop flags are broadcast
         self.bar = ProgressBar(disable=None if progress else True)
+        windows = 1 if o["windows"] is None else o["windows"].windows
         self.state = TrainingState(
-            problem=problem, model=self.network, config=self._config(), max_steps=adam.steps + lbfgs.steps,
-            history=_new_history(self.objective.term_names, list(self.parameters), o), parameters=self.parameters,
+            problem=problem, model=self.solution, config=self._config(),
+            max_steps=windows * (adam.steps + lbfgs.steps),
+            history=_new_history(self.term_names, list(self.parameters), o), parameters=self.parameters,
             generator=self.generator, points=self.points, callbacks=self.callbacks,
         )
+        if self.window is not None:
+            self._record_window()
+
+    def _setup(self, problem: Problem, network: torch.nn.Module, compile: bool) -> None:
+        """Points, objective and loss of training `network` on `problem` (the problem itself, or one
+        time window of it)."""
+        o = self.o
+        layout = Layout.of(problem)
+        conditions = list(problem.conditions)
+        bad = [c for c in conditions if not isinstance(c, Condition)]
+        if bad:
+            raise ProblemDefinitionError(
+                f"{type(problem).__name__}.conditions has {bad!r}; use ps.Dirichlet, ps.Neumann, ps.Robin, "
+                "ps.Periodic, ps.Initial, ps.InitialVelocity or ps.PointData"
+            )
+        problem._bind_parameters(self.parameters)
+        self.params = [*network.parameters(), *self.parameters.values()]
+        self.points = CollocationPoints(layout, conditions, o["points"], self.generator)
+        self.points.sample()
+        weights = o["loss_weights"] if self.window is None else None
+        self.objective = Objective(problem, layout, network, get_provider(o["derivatives"]), self.points,
+                                   self.dtype, self.device, weights, _causal(o["causal"], layout, problem))
+        if self.window is not None and o["loss_weights"] is not None:
+            # a window weighs the terms it has; the names are checked against all windows' in _run_terms
+            mine = {k: v for k, v in o["loss_weights"].items() if k in self.objective.term_names}
+            self.objective.weights = self.objective._weights(mine)
+        if self.dist is not None:
+            self.objective.shard = self.dist.shard_sets  # each rank evaluates its own rows of every set
+        self.loss_source = self._loss_source(compile)
+        self._names = ["loss", *self.objective.term_names]  # labels of a step's values in error messages
+
+    def _run_terms(self) -> list[str]:
+        """The loss terms of the run: the objective's, and with windows those the later windows add
+        (a problem with a hard initial condition gets `Initial` terms from window 1 on)."""
+        names = list(self.objective.term_names)
+        if self.window is None:
+            return names
+        later = continuation_conditions(self.problem, self.layout, self.objective.residual_spec, self.network,
+                                        self.objective.provider)
+        names += [n for n in dict.fromkeys(c.term_name(self.layout) for c in later) if n not in names]
+        unknown = sorted(set(self.o["loss_weights"] or {}) - set(names))
+        if unknown:
+            raise ValueError(f"loss_weights has unknown terms {unknown}; the terms are {names}")
+        return names
+
+    # --- time windows (`windows.py`) ----------------------------------------------------------
+    def _record_window(self) -> None:
+        w, b = self.state.history["windows"], self.solution.bounds
+        w["index"].append(self.window)
+        w["t0"].append(b[self.window])
+        w["t1"].append(b[self.window + 1])
+        w["first_step"].append(self.state.step)
+
+    def _enter_window(self, k: int, resuming: bool = False) -> None:
+        """Set up window k: its network starts from window k-1's weights (unless a checkpoint is about to
+        restore them), its initial conditions take window k-1's solution at t_k."""
+        members, st = self.solution.members, self.state
+        if not resuming:
+            with torch.no_grad():
+                members[k].load_state_dict(members[k - 1].state_dict())
+        self.window, self.network = k, members[k]
+        self.solution.active.fill_(k)
+        conditions = continuation_conditions(self.problem, self.layout, self.objective.residual_spec, members[k - 1],
+                                             self.objective.provider)
+        b = self.solution.bounds
+        self._setup(window_problem(self.problem, self.layout, b[k], b[k + 1], conditions), members[k], False)
+        st.points = self.points
+        st.phase, st.phase_start, st.stop_phase = "adam", st.step, False
+        self.start = st.step
+        if not resuming:
+            self._record_window()
+
+    def _end_window(self) -> None:
+        """Record the window's last step, its error on its own times, and why its L-BFGS ended."""
+        st, h = self.state, self.state.history
+        w = h["windows"]
+        w["last_step"].append(st.step)
+        l2 = None
+        if self.evaluator.available:
+            x = self.evaluator.x
+            l2 = window_errors(self.solution, x, predict(self.solution, self.problem, x), self.evaluator.u,
+                               self.window)
+        w["l2_relative_error"].append(l2)
+        stop = h.get("lbfgs_stop")
+        w["lbfgs_stop"].append(stop)
+        if stop is not None and self.window < self.solution.windows - 1:
+            del h["lbfgs_stop"]  # the run's entry is the last window's
 
     def _config(self) -> dict:
         o, obj = self.o, self.objective
@@ -254,9 +357,10 @@ class _Run:
             "loss_weights": None if o["loss_weights"] is None else dict(o["loss_weights"]),
             "balance": None if o["balance"] is None else o["balance"].config(),
             "causal": None if o["causal"] is None else o["causal"].config(),
+            "windows": None if o["windows"] is None else o["windows"].config(),
             "seed": o["seed"], "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
             "derivatives": obj.provider.name, "eval_every": o["eval_every"], "eval_points": o["eval_points"],
-            "terms": list(obj.term_names),
+            "terms": list(self.term_names),
             "residual_derivatives": [
                 "".join(self.layout.input_names[a] for a in mi) for mi in obj.residual_spec.indices[1:]
             ],
@@ -328,8 +432,10 @@ class _Run:
         h["lr"].append(lr)
         h["wall_time_s"].append(st.wall_time_s)
         h["step_time_s"].append(record.seconds)
-        for name, v in st.losses.items():
-            h["terms"][name].append(v)
+        for name, values in h["terms"].items():  # with windows, a term a window lacks is nan
+            values.append(st.losses.get(name, math.nan))
+        if self.window is not None:
+            h["window"].append(self.window)
         for name, p in self.parameters.items():
             h["parameters"][name].append(float(p.detach()))
         if self.objective.causal is not None:
@@ -346,7 +452,7 @@ class _Run:
         if crossed(st.step - steps, st.step, self.o["eval_every"]):
             self._evaluate()
         if meter is not None or st.l2_relative_error is not None:
-            report = getattr(self.network, "storage_report", None)
+            report = getattr(self.solution, "storage_report", None)
             st.storage_report = report() if callable(report) else []
         for cb in self._all_callbacks:
             cb.on_step(st)
@@ -357,7 +463,7 @@ class _Run:
         ev = self.state.history["eval"]
         if not self.evaluator.available or (ev["step"] and ev["step"][-1] == self.state.step):
             return
-        l2, per = self.evaluator.errors(predict(self.network, self.problem, self.evaluator.x))
+        l2, per = self.evaluator.errors(predict(self.solution, self.problem, self.evaluator.x))
         ev["step"].append(self.state.step)
         ev["l2_relative_error"].append(l2)
         for name, v in per.items():
@@ -382,12 +488,13 @@ class _Run:
 
     def adam(self) -> None:
         adam, pts, st, balance = self.o["adam"], self.o["points"], self.state, self.o["balance"]
-        if st.phase != "adam" or st.step >= adam.steps:
+        end = self.start + adam.steps  # the window's steps (the run's without windows)
+        if st.phase != "adam" or st.step >= end:
             return
         opt = adam.build(self.params)
         self._start_phase("adam", opt)
-        while st.step < adam.steps and not (st.stop_phase or st.stop_training):
-            step = st.step
+        while st.step < end and not (st.stop_phase or st.stop_training):
+            step = st.step - self.start
             if pts.resample_every and step > 0 and step % pts.resample_every == 0:
                 self.points.resample()
             if isinstance(pts.refine, RAR) and step > 0 and step % pts.refine.every == 0:
@@ -397,7 +504,7 @@ class _Run:
                 added = refine_points(self.points, pts.refine, scores)
                 if added:
                     r = st.history["refine"]
-                    r["step"].append(step)
+                    r["step"].append(st.step)
                     r["points_added"].append(added)
                     r["domain_points"].append(len(self.points.domain))
             lr = adam.lr * adam.schedule(step, adam.steps)
@@ -441,10 +548,14 @@ class _Run:
         st = self.state
         self.evaluator = Evaluator(self.problem, self.layout, self.o["eval_points"])
         if resume is not None:
+            self._resume_window(resume)
             st.load_state_dict(resume)
-            weights = st.history.get("balance", {}).get("weights")
-            if weights:  # continue from the balanced weights, not the initial ones
-                self.objective.weights = torch.tensor(weights[-1], dtype=self.dtype, device=self.device)
+            if self.window is not None:
+                self.start = st.history["windows"]["first_step"][-1]
+            balance = st.history.get("balance", {})
+            if balance.get("weights") and balance["step"][-1] >= self.start:
+                # continue from the balanced weights, not the initial ones
+                self.objective.weights = torch.tensor(balance["weights"][-1], dtype=self.dtype, device=self.device)
         self._all_callbacks = [*self.callbacks, self.bar]
         self._t0, self._wall0 = time.perf_counter(), st.wall_time_s
         try:
@@ -453,11 +564,7 @@ class _Run:
             prepare = getattr(self.loss_source, "prepare", None)
             if callable(prepare):
                 prepare()  # compile now, so that no step time includes it
-            self.adam()
-            st.stop_phase = False
-            self.lbfgs()
-            if self.objective.causal is not None:
-                self.objective.causal.release()
+            self._train()
             self._evaluate()
             result = self._result()
             for cb in self._all_callbacks:
@@ -472,9 +579,38 @@ class _Run:
             self.bar.close()
         return result
 
+    def _train(self) -> None:
+        """Adam, then L-BFGS; with windows, both for each window in turn (stop_training ends the march)."""
+        st = self.state
+        while True:
+            self.adam()
+            st.stop_phase = False
+            self.lbfgs()
+            if self.objective.causal is not None:
+                self.objective.causal.release()
+            if self.window is None:
+                return
+            self._end_window()
+            if st.stop_training or self.window == self.solution.windows - 1:
+                return
+            self._enter_window(self.window + 1)
+
+    def _resume_window(self, resume: dict) -> None:
+        """Check that a resume state is of a run with the same windows; enter the window it stopped in."""
+        saved = resume.get("config", {}).get("windows") if isinstance(resume, dict) else None
+        mine = self.state.config.get("windows")
+        if isinstance(resume, dict) and "config" in resume and saved != mine:
+            raise ValueError(f"resume state was trained with windows={saved} but this solve has windows={mine}; "
+                             "resume with the options of the interrupted run")
+        history = resume.get("history") if isinstance(resume, dict) else None
+        if self.window is not None and isinstance(history, dict) and "windows" in history:
+            index = history["windows"]["index"]
+            if index and index[-1] > 0:
+                self._enter_window(index[-1], resuming=True)
+
     def _result(self) -> Result:
         st, h = self.state, self.state.history
-        report = getattr(self.network, "storage_report", None)
+        report = getattr(self.solution, "storage_report", None)
         st.storage_report = report() if callable(report) else []
         if self.dist is not None:  # memory per rank, and the largest as the run's figure
             saved, peak = self.dist.gather_ints([st.saved_bytes_peak, st.step_peak_bytes])
@@ -498,10 +634,10 @@ class _Run:
         evaluation = None
         if self.evaluator.available:
             evaluation = {"x": self.evaluator.x, "reference": self.evaluator.u,
-                          "prediction": predict(self.network, self.problem, self.evaluator.x)}
+                          "prediction": predict(self.solution, self.problem, self.evaluator.x)}
         config = dict(st.config, steps_done=st.step)
         return Result(
-            problem=self.problem, model=self.network, history=h, l2_relative_error=l2, l2_per_field=per,
+            problem=self.problem, model=self.solution, history=h, l2_relative_error=l2, l2_per_field=per,
             parameters={k: float(v.detach()) for k, v in self.parameters.items()}, timing=timing,
             saved_bytes_peak=st.saved_bytes_peak, storage_report=st.storage_report, evaluation=evaluation,
             config=config, state=st, step_peak_bytes=st.step_peak_bytes,
@@ -550,7 +686,8 @@ def loss_terms(problem: Problem, network: torch.nn.Module, *, points: Points | N
 def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None, storage=None,
           adam: Adam | None = None, lbfgs: LBFGS | None = None, points: Points | None = None,
           loss_weights: Mapping[str, float] | None = None, balance: GradNormWeights | None = None,
-          causal: Causal | None = None, seed: int | None = None, dtype=None, device=None,
+          causal: Causal | None = None, windows: TimeWindows | None = None, seed: int | None = None,
+          dtype=None, device=None,
           derivatives: str | None = None, eval_every: int | None = None, eval_points: int | None = None,
           progress: bool = True, callbacks: Sequence[Callback] = (), resume: dict | None = None,
           compile: bool = False, distributed: Distributed | bool | None = None) -> Result:
@@ -569,6 +706,11 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
             norms during Adam, starting from loss_weights (history["balance"]).
         causal: ps.Causal(chunks, tol): causal weights of the residual over time chunks
             (time-dependent problems; history["causal"]["min_weight"] per step).
+        windows: ps.TimeWindows(K): time-window marching: K equal time windows trained in
+            turn, each with the full adam / lbfgs budgets and points, window k from window
+            k-1's weights and with its initial values at t_k (`windows.py`); the model is a
+            TimeWindowNetwork; history["window"] per step, history["windows"] per window.
+            Resumable; not with compile=True, multi-process runs, ps.Parameter or PointData.
         seed: int; the network, sampling and sketches all derive from it.
         dtype: "float32" | "float64"; device: "cpu" | "cuda" | "auto".
         derivatives: "jet" (forward-mode jets) | "autograd" (nested autograd).
@@ -591,7 +733,8 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
         TrainingDivergedError (a FloatingPointError) when a loss term becomes NaN/inf.
     """
     given = dict(network=network, storage=storage, adam=adam, lbfgs=lbfgs, points=points,
-                 loss_weights=loss_weights, balance=balance, causal=causal, seed=seed, dtype=dtype, device=device, derivatives=derivatives,
+                 loss_weights=loss_weights, balance=balance, causal=causal, windows=windows, seed=seed, dtype=dtype,
+                 device=device, derivatives=derivatives,
                  eval_every=eval_every, eval_points=eval_points)
     options = _resolve(problem, given)
     _check_options(options)
