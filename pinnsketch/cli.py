@@ -162,6 +162,9 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--causal", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                        help=f"causal residual weights (time-dependent problems), ps.Causal: {_keys(Causal)} (the "
                             "flag alone: these defaults)")
+    train.add_argument("--windows", type=int, default=None, metavar="K",
+                       help="time-window marching (time-dependent problems), ps.TimeWindows: K windows trained in "
+                            "turn, each with the full --steps/--lbfgs-steps budget")
     train.add_argument("--loss-weights", default=None, metavar="TERM=WEIGHT,...",
                        help="fixed loss weights, e.g. pde=1,initial_u=10 (the term names: `pinnsketch inspect` of "
                             "a run, or result.config['terms'])")
@@ -186,7 +189,7 @@ def distributed_options(args: argparse.Namespace):
 
 # Flags that change what a run computes (refused with --resume: the file fixes them).
 _NETWORK_FLAGS = ("width", "depth", "architecture", "activation", "fourier", "periodic", "harmonics", "factorized")
-_OPTION_FLAGS = ("optimizer", "schedule", "lbfgs", "refine", "balance", "causal", "loss_weights")
+_OPTION_FLAGS = ("optimizer", "schedule", "lbfgs", "refine", "balance", "causal", "windows", "loss_weights")
 _TRAINING_FLAGS = ("storage", "steps", "lbfgs_steps", "lr", "points", *_NETWORK_FLAGS, *_OPTION_FLAGS, "seed",
                    "dtype", "derivatives", "eval_every", "from_file", "monitor_rank")
 # Flags whose value is optional: `solve --causal allen_cahn` reads the problem name as their value.
@@ -280,6 +283,7 @@ def _solve_options(problem, args: argparse.Namespace, recorded: dict | None = No
     from .pinn.options import LBFGS, RAR, SOAP, Adam
     from .pinn.solver import problem_defaults
     from .pinn.weighting import GradNormWeights
+    from .pinn.windows import TimeWindows
 
     base = {**problem_defaults(problem), **(recorded or {})}
     options: dict = dict(recorded or {})
@@ -323,6 +327,11 @@ def _solve_options(problem, args: argparse.Namespace, recorded: dict | None = No
             options[key] = None
         else:
             options[key] = _from_spec(_flag(key), text, cls, current(key), example=example)
+    if args.windows is not None:
+        try:
+            options["windows"] = TimeWindows(args.windows)
+        except ValueError as err:
+            raise CommandError(f"--windows {args.windows}: {err}", 2) from None
     if args.loss_weights is not None:
         options["loss_weights"] = None if args.loss_weights.lower() == "none" else parse_key_values(
             args.loss_weights, f"--loss-weights {args.loss_weights!r}", "--loss-weights pde=1,initial_u=10",

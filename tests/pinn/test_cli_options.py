@@ -46,6 +46,7 @@ def options(problem: str, *flags: str, recorded=None) -> dict:
      ps.LBFGS(history_size=10, max_iter=5, tolerance_change=1e-9)),
     (["--lbfgs", "steps=7", "--lbfgs-steps", "3"], "lbfgs", ps.LBFGS(steps=3)),
     (["--loss-weights", "pde=2,initial_u=10"], "loss_weights", {"pde": 2, "initial_u": 10}),
+    (["--windows", "3"], "windows", ps.TimeWindows(3)),
 ])
 def test_each_flag_parses_into_its_option_object(flags, key, expected):
     got = options("heat", *flags)
@@ -187,3 +188,12 @@ def test_the_readme_example_command_parses_into_its_options():
     assert got["network"] == ps.Network(width=32, depth=2, architecture="pirate", fourier=ps.Fourier(32, 2.0),
                                         periodic={"x": 2.0}, factorized=ps.Factorized())
     assert got["causal"] == ps.Causal(chunks=16) and got["points"] == ps.Points(domain=2000, refine=None)
+
+
+def test_windows_flag_runs_marching_and_refuses_a_bad_count(tmp_path, capsys):
+    out = tmp_path / "windows.h5"
+    assert main(["solve", "heat", *TINY, "--windows", "2", "--out", str(out)]) == 0
+    config = json.loads(load(out).attrs["config"])
+    assert solve_options_from_config(config)["windows"] == ps.TimeWindows(2)
+    assert main(["solve", "heat", *TINY, "--windows", "1"]) == 2
+    assert "--windows 1" in capsys.readouterr().err
