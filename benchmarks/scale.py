@@ -328,10 +328,10 @@ def accuracy(args, save=lambda records: None) -> list[dict]:
     def storage(spec: str):
         return make_storage(spec) if ":" not in spec else parse_storage(spec, defaults={})
 
-    def solve(spec: str, n: int, adam: int, lbfgs: int, eval_every: int):
+    def solve(spec: str, n: int, adam: int, lbfgs: int, eval_every: int, seed: int = 0):
         return ps.solve(problem, storage=storage(spec), network=network,
                         points=ps.Points(domain=n, boundary=0, initial=0), adam=ps.Adam(steps=adam),
-                        lbfgs=ps.LBFGS(steps=lbfgs), seed=0, device="cpu", progress=False, eval_every=eval_every)
+                        lbfgs=ps.LBFGS(steps=lbfgs), seed=seed, device="cpu", progress=False, eval_every=eval_every)
 
     def peak_at(system: str, n: int) -> int:
         """The largest step peak solve() meters over a short run at n points (every step metered).
@@ -349,12 +349,13 @@ def accuracy(args, save=lambda records: None) -> list[dict]:
     runs = {"exact": ("exact", found["exact"], True), "lowrank": ("lowrank", found["lowrank"], True),
             "control": ("exact", found["lowrank"], False)}
     records = []
-    for system, n, at_max in (runs[name] for name in args.accuracy_runs):
+    for seed, (system, n, at_max) in ((seed, runs[name]) for seed in args.accuracy_seeds
+                                      for name in args.accuracy_runs):
         t0 = time.perf_counter()
         result = solve(policies[system], n, args.accuracy_adam, args.accuracy_lbfgs,
-                       eval_every=args.accuracy_eval_every)
+                       eval_every=args.accuracy_eval_every, seed=seed)
         records.append({"workload": f"{problem.name}_{network.activation}{network.width}x{network.depth}",
-                        "storage": system, "storage_spec": policies[system],
+                        "storage": system, "storage_spec": policies[system], "seed": seed,
                         "budget_bytes": args.accuracy_budget, "meter": "allocator", "max_points": n,
                         "at_own_maximum": at_max, "peak_bytes_at_max": result.step_peak_bytes,
                         "within_budget": result.step_peak_bytes <= args.accuracy_budget,
@@ -365,7 +366,7 @@ def accuracy(args, save=lambda records: None) -> list[dict]:
                         "train_seconds": time.perf_counter() - t0,
                         "step_time_s": result.timing.get("adam_ms_per_step", math.nan) / 1e3})
         records[-1]["ratio_to_exact"] = n / found["exact"]
-        print(f"  accuracy {system:8s} N={n:6d}  L2 {result.l2_relative_error:.3e}  "
+        print(f"  accuracy {system:8s} seed {seed} N={n:6d}  L2 {result.l2_relative_error:.3e}  "
               f"peak {result.step_peak_bytes / 2**20:.1f} MiB", flush=True)
         save(records)
     return records
@@ -400,6 +401,8 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy-runs", nargs="+", default=["exact", "lowrank", "control"],
                    choices=("exact", "lowrank", "control"),
                    help="which runs (control: exact at lowrank's N); separate processes may split them")
+    p.add_argument("--accuracy-seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the accuracy runs (network initialization; the points are fixed)")
     p.add_argument("--accuracy-probe-steps", type=int, default=20,
                    help="Adam steps (each metered) of a bisection attempt")
     p.add_argument("--accuracy-eval-every", type=int, default=100,
