@@ -7,6 +7,7 @@ import math
 import torch
 
 from pinnsketch.nn.jet import Jet
+from pinnsketch.training import Callback
 
 
 class PlainMLP(torch.nn.Module):
@@ -55,3 +56,15 @@ class FunctionNet(torch.nn.Module):
         return self.f(Jet.input(x, spec)) + 0 * self.dummy
 
 
+
+
+class Interrupt(Callback):
+    """Keep the resumable state and raise KeyboardInterrupt (like Ctrl-C) at the first step >= `at`."""
+
+    def __init__(self, at):
+        self.at, self.saved = at, None
+
+    def on_step(self, state):
+        if state.step >= self.at and self.saved is None:
+            self.saved = state.state_dict()
+            raise KeyboardInterrupt

@@ -10,7 +10,7 @@ import pinnsketch
 import pinnsketch.pinn as pp
 from pinnsketch.pinn import geometry as G
 
-from pinn_helpers import PlainMLP
+from pinn_helpers import Interrupt, PlainMLP
 
 
 class Poisson1D(pp.Problem):
@@ -69,16 +69,6 @@ def test_same_seed_same_history_on_cpu():
     assert a.history["loss"] == b.history["loss"] and a.history["terms"] == b.history["terms"]
     assert a.history["loss"] != c.history["loss"]
     assert a.config["terms"] == ["pde", "dirichlet_u", "initial_u"]
-
-
-class Interrupt(pp.Callback):
-    def __init__(self, at):
-        self.at, self.saved = at, None
-
-    def on_step(self, state):
-        if state.step >= self.at and self.saved is None:
-            self.saved = state.state_dict()
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("at, storage", [(7, "exact"), (14, "exact"), (14, "lowrank")])  # Adam, L-BFGS

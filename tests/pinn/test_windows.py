@@ -19,7 +19,7 @@ from pinnsketch.pinn.result import predict
 from pinnsketch.pinn.windows import TimeWindowNetwork, continuation_conditions, window_bounds
 from pinnsketch.problems.heat import Heat
 
-from pinn_helpers import FunctionNet, PlainMLP
+from pinn_helpers import FunctionNet, Interrupt, PlainMLP
 
 SMALL = dict(storage="exact", adam=ps.Adam(steps=12), lbfgs=ps.LBFGS(steps=4, max_iter=2),
              points=ps.Points(domain=60, boundary=12, initial=12, sampler="random", refine=None),
@@ -197,16 +197,6 @@ def test_marched_prediction_is_continuous_at_the_window_boundary():
     rms = float(np.sqrt(np.mean((left - right) ** 2)))
     assert rms == pytest.approx(math.sqrt(r.history["terms"]["initial_u"][-1]), rel=0.3)
     assert rms < 0.04  # at this budget; max |u(., 0.5)| = exp(-0.2 pi^2) = 0.14
-
-
-class Interrupt(ps.Callback):
-    def __init__(self, at):
-        self.at, self.saved = at, None
-
-    def on_step(self, state):
-        if state.step >= self.at and self.saved is None:
-            self.saved = state.state_dict()
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("at, storage", [(6, "exact"), (22, "exact"), (22, "lowrank")])  # windows 0 and 1
