@@ -19,7 +19,8 @@ of the same depth, as DeepXDE's pytorch backend has no residual network), and pi
 
 Part 2, accuracy at the budget (`--accuracy`). A problem where more collocation points give a better
 solution: by default (`--accuracy-problem peak`) Poisson on the unit square whose exact solution is
-a Gaussian peak of width sigma = 0.04 (`--accuracy-sigma`) at (0.4, 0.6), tanh network 64x4: the
+a Gaussian peak of width sigma = 0.04 (`--accuracy-sigma`) at (0.4, 0.6), tanh network 128x4
+(`--accuracy-width`, `--accuracy-depth`): the
 error is made where the peak is, and only the points that land there (about 2 % of them) resolve
 it; or the library's Helmholtz (`--accuracy-problem helmholtz`, sin 64x4). For a budget of the
 step's live tensor bytes (`--accuracy-budget`, default 32 MiB, allocator meter, in process; it must
@@ -28,12 +29,14 @@ under `exact` and under `lowrank` (bisection as above; an attempt is a short run
 metered, so the controller's first decisions count), then a full-batch run at each maximum (Adam,
 then L-BFGS), its relative L2 error against the exact solution and the largest step peak metered
 during the run (`within_budget`). `lowrank` runs with a byte cap (`--accuracy-lowrank`, default
-`lowrank:max_ratio=0.3`), so that later rank growth cannot leave the budget. A third run, `exact`
+`lowrank:max_ratio=0.3`), probed in the largest configuration that cap allows (`probe_spec`), so
+that later rank growth cannot leave the budget. `--accuracy-seeds` repeats the runs over network
+initializations (the points are fixed). A third run, `exact`
 at `lowrank`'s N (over the budget), separates the points' effect from the compression's.
 
     python benchmarks/scale.py                                   # 2 GiB, both workloads, all systems
     python benchmarks/scale.py --budget 512MiB --workloads mlp   # a quicker look
-    python benchmarks/scale.py --accuracy-only                   # 32 MiB, the Gaussian peak
+    python benchmarks/scale.py --accuracy-only --accuracy-adam 1000 --accuracy-lbfgs 300   # 32 MiB, the peak
     python benchmarks/scale.py --at 32768 --workloads mlp        # every system at one size, no search
 
 Writes results/scale.json (records: workload, storage, budget_bytes, max_points,
