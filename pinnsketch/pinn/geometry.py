@@ -386,10 +386,42 @@ class _CSG(Geometry):
         self.a, self.b, self.dim = a, b, a.dim
 
     def _build(self, dde):
-        return getattr(dde.geometry.csg, self._op)(self.a.dde(dde), self.b.dde(dde))
+        base = getattr(dde.geometry.csg, self._op)
+        # deepxde's CSG keeps boundary points that are not on the result's boundary: the edges B shares
+        # with A's boundary in A - B (outside the closed difference), and the faces where A and B touch
+        # in A | B (inside the union). The subclass keeps only points with an outside and an inside
+        # neighbour, drawing more until it has n.
+        exact = type(f"Exact{base.__name__}", (base,), {
+            "random_boundary_points": lambda g, n, random="pseudo": _true_boundary(
+                g, n, lambda m: base.random_boundary_points(g, m, random=random)),
+            "uniform_boundary_points": lambda g, n: _true_boundary(
+                g, n, lambda m: base.uniform_boundary_points(g, m), exact_count=False),
+        })
+        return exact(self.a.dde(dde), self.b.dde(dde))
 
     def __repr__(self) -> str:
         return f"({self.a!r} {self._symbol} {self.b!r})"
+
+
+def _true_boundary(geom, n: int, draw, exact_count: bool = True) -> np.ndarray:
+    """n points (m, dim) of draw(m) on the boundary of the closed set `geom.inside`: a point is kept
+    when, at a distance of 1e-6 of the bounding box's diagonal, one of its 3^dim - 1 axis and diagonal
+    neighbours is inside and one outside. `exact_count=False` (a grid) may return fewer than n."""
+    lo, hi = (np.asarray(b, dtype=np.float64) for b in geom.bbox)
+    steps = np.array(np.meshgrid(*[(-1.0, 0.0, 1.0)] * geom.dim, indexing="ij")).reshape(geom.dim, -1).T
+    steps = steps[np.any(steps != 0, axis=1)]
+    steps *= 1e-6 * float(np.linalg.norm(hi - lo)) / np.linalg.norm(steps, axis=1, keepdims=True)
+    m = n
+    for _ in range(12):
+        x = np.asarray(draw(m), dtype=np.float64)
+        near = (x[:, None, :] + steps[None]).reshape(-1, geom.dim)
+        inside = np.asarray(geom.inside(near), dtype=bool).reshape(len(x), len(steps))
+        x = x[inside.any(axis=1) & ~inside.all(axis=1)]
+        if len(x) >= n or not exact_count:
+            return x[:n]
+        m = int(m * min(16.0, max(2.0, 1.25 * n / max(len(x), 1))))
+    raise ValueError(f"could not sample {n} boundary points of {geom!r}: too few of the drawn points lie on "
+                     "its boundary; is the domain empty or thinner than 1e-6 of its bounding box?")
 
 
 class Union(_CSG):

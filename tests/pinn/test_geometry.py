@@ -93,3 +93,28 @@ def test_import_pinnsketch_does_not_import_deepxde():
     code = "import sys, pinnsketch, pinnsketch.pinn; print('deepxde' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False" and out.stderr == ""
+
+
+L_SHAPE = G.Rectangle((-1, -1), (1, 1)) - G.Rectangle((0, 0), (1, 1))
+
+
+@pytest.mark.parametrize("sampler", ["hammersley", "random", "uniform"])
+def test_difference_boundary_points_lie_on_the_difference(sampler):
+    # deepxde alone puts ~28 % of the L's boundary points on the removed square's outer edges
+    x = L_SHAPE.sample_boundary(2000, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert len(x) == 2000 and L_SHAPE.on_boundary(x).all()
+    assert not ((x[:, 0] > 1e-9) & (x[:, 1] > 1e-9)).any()          # nothing in the removed quadrant
+    inner = np.isclose(x[:, 0], 0) | np.isclose(x[:, 1], 0)        # the re-entrant edges (deepxde: n per part)
+    assert 0.15 < inner.mean() < 0.5
+    space_time = (L_SHAPE * G.TimeDomain(0, 1)).sample_boundary(500, generator=torch.Generator().manual_seed(0))
+    assert not ((space_time[:, 0] > 1e-9) & (space_time[:, 1] > 1e-9)).any()
+
+
+def test_union_boundary_points_skip_the_faces_where_the_parts_touch():
+    union = G.Rectangle((0, 0), (1, 1)) | G.Rectangle((1, 0), (2, 1))
+    x = union.sample_boundary(1000, sampler="random", generator=torch.Generator().manual_seed(0))
+    assert len(x) == 1000
+    assert not (np.isclose(x[:, 0], 1) & (x[:, 1] > 1e-9) & (x[:, 1] < 1 - 1e-9)).any()
+    ring = G.Disk((0, 0), 1) - G.Disk((0, 0), 0.5)                  # curved edges keep every point
+    r = np.linalg.norm(ring.sample_boundary(500, generator=torch.Generator().manual_seed(0)), axis=1)
+    assert (np.isclose(r, 1) | np.isclose(r, 0.5)).all() and 0.1 < np.isclose(r, 0.5).mean() < 0.6
