@@ -24,10 +24,10 @@ L2, far below the PINN tolerance. The plain FD solution with 1024 cells per side
 PINN with the solver defaults (32 x 4 tanh, 5,000 Adam + 5,000 L-BFGS steps, 6,000 points with
 RAR, float32, exact storage; benchmarks/results/poisson_corner.json): relative L2 4.2e-2 against
 this reference, 0.18 at the end of Adam. The error gathers at the corner: 41% of the squared
-error lies within r < 0.2 (3% of the nodes), the largest, 0.047, at the corner itself. The
-boundary sampler of the CSG difference (deepxde's) also puts about a quarter of the boundary
-points on the removed square's far edges x = 1 and y = 1, outside the L; u = 0 there constrains
-only the network's extension.
+error lies within r < 0.2 (3% of the nodes), the largest, 0.047, at the corner itself. That run
+predates the fix of the CSG boundary sampler: deepxde's put about a quarter of the boundary points
+on the removed square's far edges x = 1 and y = 1, outside the L, and `pinnsketch.pinn.geometry`
+now keeps only points on the L's own boundary.
 """
 
 from __future__ import annotations
