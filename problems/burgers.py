@@ -79,16 +79,29 @@ def cole_hopf(x, t, nu: float, *, n_quad: int | None = None) -> np.ndarray:
 
 
 class Burgers(CachedReference, ps.Problem):
-    """Burgers 1-D, nu = 0.01/pi: a shock forms at x = 0 (reference: Cole-Hopf quadrature)."""
+    """Burgers 1-D, nu = 0.01/pi: a shock forms at x = 0 (reference: Cole-Hopf quadrature).
+
+    The initial and boundary values are built into `output_transform` (hard constraints), and the
+    defaults use a 64 x 4 tanh network: measured on CPU, float32, one thread, the solver's other
+    defaults (5,000 Adam + 5,000 L-BFGS steps, 6,000 points with RAR), relative L2 under `exact`:
+    32 x 4 with the conditions as loss terms 2.0e-3; hard constraints 1.0e-3; 64 x 4 9.8e-4; both
+    5.0e-4, and 8.0e-4 under `lowrank` (benchmarks/README.md, "Burgers to 1e-3").
+    """
 
     name = "burgers"
     domain = ps.geometry.Interval(-1, 1) * ps.geometry.TimeDomain(0, 1)
     nu = 0.01 / math.pi
-    conditions = (ps.Dirichlet(0.0), ps.Initial(lambda x: -torch.sin(math.pi * x[:, 0])))
-    tolerance = 5e-3  # relative L2 the default solve must reach
+    conditions = ()  # u(x, 0) = -sin(pi x) and u(+-1, t) = 0 are built into output_transform
+    tolerance = 1e-3  # relative L2 the default solve must reach
+    solver_defaults = {"network": ps.Network(width=64, depth=4, activation="tanh")}
 
     def residual(self, x, u):
         return u.t + u * u.x - self.nu * u.xx
+
+    def output_transform(self, x, u):
+        """u = -sin(pi x) + t (1 - x^2) N: exact at t = 0 and at x = +-1."""
+        xs, t = x[:, 0:1], x[:, 1:2]
+        return -torch.sin(math.pi * xs) + t * (1 - xs**2) * u
 
     def compute_reference(self) -> tuple[np.ndarray, np.ndarray]:
         """DeepXDE's evaluation grid: x (256,) in [-1, 1] x t (100,) = 0, 0.01, ..., 0.99.

@@ -115,6 +115,10 @@ CONSTRAINTS = {
         ("boundary", lambda x: -torch.ones_like(x[:, :1])),
         ("initial", lambda x: x[:, :1] ** 2 * torch.cos(math.pi * x[:, :1])),
     ],
+    "burgers": [
+        ("boundary", lambda x: torch.zeros_like(x[:, :1])),
+        ("initial", lambda x: -torch.sin(math.pi * x[:, :1])),
+    ],
 }
 
 
