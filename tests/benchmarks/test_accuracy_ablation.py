@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_helpers import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_accuracy_ablation", ROOT / "benchmarks" / "accuracy_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accuracy_ablation")
 
 
 def test_quick_rows_record_their_options(tmp_path):

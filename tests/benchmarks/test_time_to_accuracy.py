@@ -1,6 +1,5 @@
 """benchmarks/time_to_accuracy.py --quick: the whole path (subprocesses, both libraries, JSON) on tiny budgets."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,19 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from bench_helpers import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "time_to_accuracy.py"
 RECORD_KEYS = {"target", "seconds", "wall_seconds", "iterations", "final_l2"}
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_time_to_accuracy():
+    return load_benchmark("time_to_accuracy")
 
 
 def test_tracker_records_the_first_check_below_each_target():
-    bench = load_benchmark()
+    bench = load_time_to_accuracy()
     tracker = bench.Tracker([5e-3, 1e-2], max_seconds=1e9)
     tracker.start()
     assert not tracker.check(250, 0.5)
@@ -35,7 +33,7 @@ def test_tracker_records_the_first_check_below_each_target():
 
 
 def test_tracker_stops_on_the_cpu_budget_and_leaves_unreached_targets_null():
-    bench = load_benchmark()
+    bench = load_time_to_accuracy()
     tracker = bench.Tracker([1e-2], max_seconds=1e-9)
     tracker.start()
     sum(i * i for i in range(100_000))  # spend a little CPU time
@@ -45,7 +43,7 @@ def test_tracker_stops_on_the_cpu_budget_and_leaves_unreached_targets_null():
 
 
 def test_ratios_use_an_earlier_deepxde_run_when_this_one_has_none():
-    bench = load_benchmark()
+    bench = load_time_to_accuracy()
 
     def run(system, seconds):
         return {"problem": "burgers", "system": system,
@@ -58,7 +56,7 @@ def test_ratios_use_an_earlier_deepxde_run_when_this_one_has_none():
 
 
 def test_bad_arguments_name_the_value(capsys):
-    bench = load_benchmark()
+    bench = load_time_to_accuracy()
     with pytest.raises(SystemExit):
         bench.main(["--check-every", "0"])
     assert "--check-every 0" in capsys.readouterr().err

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_helpers import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_time_windows", ROOT / "benchmarks" / "time_windows.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("time_windows")
 
 
 def test_quick_rows_train_equal_total_steps(tmp_path):
