@@ -68,3 +68,13 @@ class Interrupt(Callback):
         if state.step >= self.at and self.saved is None:
             self.saved = state.state_dict()
             raise KeyboardInterrupt
+
+
+def run_cli(argv) -> int:
+    """Exit status of `pinnsketch` with argv, whether main returns it or argparse exits with it."""
+    from pinnsketch.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code

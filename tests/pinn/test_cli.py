@@ -1,6 +1,7 @@
 import pytest
 
 from pinnsketch.cli import main
+from pinn_helpers import run_cli
 
 TINY = ["--steps", "4", "--lbfgs-steps", "2", "--points", "32", "--width", "8", "--depth", "1", "--storage",
         "exact", "--no-progress"]
@@ -23,14 +24,6 @@ def test_problems_lists_the_library(capsys):
     assert "burgers" in names and names == sorted(names)
 
 
-def run(argv):
-    """Exit status of the command line, whether it returns it or argparse exits with it."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
 @pytest.mark.parametrize("argv, status, match", [
     (["solve", "no-such-problem"], 2, "unknown problem 'no-such-problem'; choose one of"),
     (["solve", "heat", "--steps", "-1"], 2, "steps=-1"),
@@ -39,7 +32,7 @@ def run(argv):
     (["frobnicate"], 2, "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_nonzero(argv, status, match, capsys):
-    assert run(argv) == status
+    assert run_cli(argv) == status
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pinnsketch: error: ") and match in err
 

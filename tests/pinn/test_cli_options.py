@@ -9,6 +9,7 @@ import pinnsketch as ps
 from pinnsketch import problems
 from pinnsketch.cli import _solve_options, build_parser, main, solve_options_from_config
 from pinnsketch.io import load
+from pinn_helpers import run_cli
 
 TINY = ["--steps", "4", "--lbfgs-steps", "2", "--points", "32", "--width", "8", "--depth", "1", "--storage",
         "exact", "--no-progress"]
@@ -81,14 +82,6 @@ def test_network_flags_keep_the_problems_network_and_the_recorded_options():
     assert got["adam"] == ps.SOAP(steps=9, lr=0.1, schedule=ps.Cosine(final=0.2))
 
 
-def run(argv):
-    """Exit status of the command line, whether it returns it or argparse exits with it."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
 @pytest.mark.parametrize("flags, match", [
     (["--fourier", "feature=3"], "--fourier 'feature=3': unknown key 'feature'; --fourier takes features, scale, "
                                  "trainable"),
@@ -111,7 +104,7 @@ def run(argv):
     (["--harmonics", "3"], "harmonics=3 applies to the periodic embedding"),
 ])
 def test_bad_option_is_one_line_naming_it_and_exit_2(flags, match, capsys):
-    assert run(["solve", "heat", *flags, "--no-progress"]) == 2
+    assert run_cli(["solve", "heat", *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pinnsketch: error: ") and match in err, err
 
@@ -122,7 +115,7 @@ def test_bad_option_with_debug_raises(capsys):
 
 
 def test_problem_name_read_as_an_optional_value_is_explained(capsys):
-    assert run(["solve", "--causal", "heat"]) == 2
+    assert run_cli(["solve", "--causal", "heat"]) == 2
     assert "--causal took 'heat' as its value; put the problem name first" in capsys.readouterr().err
 
 
@@ -171,7 +164,7 @@ def test_a_cli_run_with_the_training_options(tmp_path, capsys):
 
 def test_resume_refuses_the_new_option_flags(tmp_path, capsys):
     out = tmp_path / "done.h5"
-    assert run(["solve", "--resume", str(out), "--causal", "chunks=4"]) == 2
+    assert run_cli(["solve", "--resume", str(out), "--causal", "chunks=4"]) == 2
     assert "leave out --causal" in capsys.readouterr().err
 
 
