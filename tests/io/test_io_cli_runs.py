@@ -245,3 +245,18 @@ def test_a_checkpoint_is_written_when_the_adam_phase_ends(tmp_path):
         ps.solve(Parabola1D(), **solve_options(), callbacks=[RunWriter(path, checkpoint_every=1000), StopInLBFGS()])
     run = load(path)
     assert run.checkpoint_step == 24 and run.attrs["stop_phase"] == "lbfgs"      # Adam's 24 steps are kept
+
+
+def test_option_flags_through_the_installed_command(tmp_path):
+    """`pinnsketch solve` as a user runs it (a subprocess): option flags land in the run file; a bad
+    flag value is one line on stderr and exit status 2."""
+    out = tmp_path / "marched.h5"
+    ok = subprocess.run(_cli("solve", "heat", *TINY, "--storage", "exact", "--steps", "4", "--lbfgs-steps", "2",
+                             "--windows", "2", "--fourier", "features=8,scale=1", "--out", str(out)),
+                        env=_env(), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    config = json.loads(load(out).attrs["config"])
+    assert config["windows"]["windows"] == 2 and config["network"]["fourier"]["features"] == 8
+    bad = subprocess.run(_cli("solve", "heat", *TINY, "--causal", "chunks=1"), env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "chunks=1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
