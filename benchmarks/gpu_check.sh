@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command for the GPU check (unattended, under 8 minutes on one H100/H200):
 #   1. the CUDA tests (tests/cuda: every storage policy on CUDA against the CPU, solve, bench),
-#   2. benchmarks/gpu_step.py --device cuda    -> results/gpu_step_cuda.json
-#   3. benchmarks/vs_deepxde.py --device cuda  -> results/vs_deepxde_cuda.json
-#   4. pinnsketch solve burgers --device cuda --storage exact|lowrank --steps 2000 --lbfgs-steps 300
+#   2. benchmarks/gpu_profile.py --device cuda -> results/gpu_profile_cuda.json (kernels, launches, syncs)
+#   3. benchmarks/gpu_step.py --device cuda    -> results/gpu_step_cuda.json
+#   4. benchmarks/vs_deepxde.py --device cuda  -> results/vs_deepxde_cuda.json
+#   5. pinnsketch solve burgers --device cuda --storage exact|lowrank --steps 2000 --lbfgs-steps 300
 #      (benchmarks/solve_burgers.py)          -> results/solve_burgers_cuda.json
 # and a summary of the steps (exit status, seconds) -> results/gpu_check_cuda.json.
 # Every step has its own time limit (`timeout`); a step that fails or times out is
@@ -37,10 +38,11 @@ if [[ $DRY == 1 ]]; then
     DEVICE=cpu; TAG=cpu
     OUT="${OUT:-$(mktemp -d -t gpu_check_dry.XXXXXX)}"
     TESTS=(tests/cuda -q -p no:cacheprovider)
+    PROFILE=(benchmarks/gpu_profile.py --device cpu --points 256 --storages nested exact lowrank)
     STEP=(benchmarks/gpu_step.py --device cpu --dry-run)
     VS=(benchmarks/vs_deepxde.py --device cpu --iterations 20 --block 10 --warmup 2 --variants exact lowrank)
     SOLVE=(benchmarks/solve_burgers.py --device cpu --steps 3 --lbfgs-steps 1 --points 200)
-    LIMITS=(300 300 300 300)  # backstops only: the dry run takes about 50 s of CPU time
+    LIMITS=(300 300 300 300 300)  # backstops only: the dry run takes about 50 s of CPU time
 else
     DEVICE=cuda; TAG=cuda
     OUT="${OUT:-benchmarks/results}"
@@ -49,12 +51,13 @@ else
         exit 2
     fi
     TESTS=(tests/cuda -q -rs -p no:cacheprovider)
-    # Sizes for under 8 minutes in all (limits: 75 + 130 + 60 + 205 s = 470 s); gpu_step measures the MLP
-    # first and records what its budget cannot fit as skipped.
+    # Sizes for under 8 minutes in all (limits: 75 + 45 + 130 + 90 + 175 s = 515 s, most steps end well
+    # before); gpu_step measures the MLP first and records what its budget cannot fit as skipped.
+    PROFILE=(benchmarks/gpu_profile.py --device cuda --points 32768)
     STEP=(benchmarks/gpu_step.py --device cuda --steps 3 --warmup 1 --time-budget-s 105)
     VS=(benchmarks/vs_deepxde.py --device cuda --iterations 600 --block 50 --warmup 20)
-    SOLVE=(benchmarks/solve_burgers.py --device cuda --steps 2000 --lbfgs-steps 300 --timeout-s 95)
-    LIMITS=(75 130 60 205)
+    SOLVE=(benchmarks/solve_burgers.py --device cuda --steps 2000 --lbfgs-steps 300 --timeout-s 80)
+    LIMITS=(75 45 130 90 175)
 fi
 mkdir -p "$OUT"
 SUMMARY="$OUT/gpu_check_${TAG}.tsv"
@@ -79,9 +82,10 @@ run_step() {  # name limit command...
 }
 
 run_step cuda_tests "${LIMITS[0]}" "$PY" -m pytest "${TESTS[@]}"
-run_step gpu_step "${LIMITS[1]}" "$PY" "${STEP[@]}" --out "$OUT/gpu_step_${TAG}.json"
-run_step vs_deepxde "${LIMITS[2]}" "$PY" "${VS[@]}" --out "$OUT/vs_deepxde_${TAG}.json"
-run_step solve_burgers "${LIMITS[3]}" "$PY" "${SOLVE[@]}" --out "$OUT/solve_burgers_${TAG}.json"
+run_step gpu_profile "${LIMITS[1]}" "$PY" "${PROFILE[@]}" --out "$OUT/gpu_profile_${TAG}.json"
+run_step gpu_step "${LIMITS[2]}" "$PY" "${STEP[@]}" --out "$OUT/gpu_step_${TAG}.json"
+run_step vs_deepxde "${LIMITS[3]}" "$PY" "${VS[@]}" --out "$OUT/vs_deepxde_${TAG}.json"
+run_step solve_burgers "${LIMITS[4]}" "$PY" "${SOLVE[@]}" --out "$OUT/solve_burgers_${TAG}.json"
 
 TOTAL=$(seconds_since "$START")
 "$PY" - "$SUMMARY" "$OUT/gpu_check_${TAG}.json" "$DEVICE" "$DRY" "$TOTAL" <<'EOF'

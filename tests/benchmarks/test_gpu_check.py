@@ -27,12 +27,12 @@ def test_dry_run_writes_every_result(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert set(results) == {"gpu_check_cpu.json", "gpu_step_cpu.json", "vs_deepxde_cpu.json",
+    assert set(results) == {"gpu_check_cpu.json", "gpu_profile_cpu.json", "gpu_step_cpu.json", "vs_deepxde_cpu.json",
                             "solve_burgers_cpu.json"}
 
     check = results["gpu_check_cpu.json"]
     assert check["dry_run"] and [s["name"] for s in check["steps"]] == [
-        "cuda_tests", "gpu_step", "vs_deepxde", "solve_burgers"]
+        "cuda_tests", "gpu_profile", "gpu_step", "vs_deepxde", "solve_burgers"]
     assert all(s["status"] == "ok" and s["seconds"] > 0 for s in check["steps"])
 
     step = results["gpu_step_cpu.json"]
@@ -129,3 +129,15 @@ def test_reference_file_and_its_errors(tmp_path):
     np.savez(tmp_path / "bad.npz", x=x, usol=usol)
     with pytest.raises(ValueError, match="lacks the arrays \\['t'\\]"):
         bench.reference(str(tmp_path / "bad.npz"))
+
+
+def test_profile_counts_operators_per_system(tmp_path):
+    out = tmp_path / "p.json"
+    assert load("gpu_profile").main(["--device", "cpu", "--points", "64", "--width", "16", "--depth", "2",
+                                     "--storages", "nested", "exact", "--out", str(out)]) == 0
+    records = {r["storage"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(records) == {"nested", "exact"}
+    for r in records.values():
+        # The CPU has no kernel launches or device syncs; the operator count and the top list are real.
+        assert r["aten_ops"] > 50 and r["launches"] == 0 and r["wall_ms"] > 0
+        assert r["top"] and all(row["name"].startswith("aten::") for row in r["top"])
