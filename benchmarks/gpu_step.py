@@ -116,7 +116,7 @@ def build(config: dict, device: torch.device):
         return net, lambda x: nested_loss(net, x)
     cls = MLP if config["network"] == "mlp" else ResidualMLP
     model = cls(2, 1, width=config["width"], depth=depth, activation="tanh", storage=config["storage"], seed=0,
-                dtype=dtype, device=device)
+                dtype=dtype, device=device, chunk_bytes=config.get("chunk_bytes"))
     spec = JetSpec.from_names(["x", "t", "xx"], ["x", "t"])
     return model, lambda x: jet_loss(model, x, spec)
 
@@ -248,6 +248,9 @@ def main(argv=None) -> int:
     cli.add_argument("--residual-depth", type=int, default=12, help="residual blocks of the ResidualMLP (default 12)")
     cli.add_argument("--steps", type=int, default=5, help="timed steps (median; default 5)")
     cli.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    cli.add_argument("--chunk-bytes", type=int, default=None,
+                     help="bytes per row-chunk tensor of the pinnsketch models (default: the device's, one chunk "
+                          "per call on a GPU); smaller chunks bound a step's working set at the cost of launches")
     cli.add_argument("--time-budget-s", type=float, default=None,
                      help="skip configurations predicted to exceed what is left of this budget (default: none)")
     cli.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0: torch's)")
@@ -279,7 +282,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     points = sorted(opts.points or DEFAULT_POINTS[device.type])
     for name, value in (("--points", min(points)), ("--width", opts.width), ("--depth", opts.depth),
-                        ("--residual-depth", opts.residual_depth), ("--steps", opts.steps)):
+                        ("--residual-depth", opts.residual_depth), ("--steps", opts.steps),
+                        ("--chunk-bytes", opts.chunk_bytes or 1)):
         if value < 1:
             cli.error(f"{name} must be >= 1, got {value}")
     if opts.warmup < 0:
@@ -307,7 +311,7 @@ def main(argv=None) -> int:
             for storage in opts.storages:
                 config = {"network": network, "storage": storage, "points": n, "width": opts.width,
                           "depth": opts.depth, "residual_depth": opts.residual_depth, "steps": opts.steps,
-                          "warmup": opts.warmup}
+                          "warmup": opts.warmup, "chunk_bytes": opts.chunk_bytes}
                 left = None if opts.time_budget_s is None else opts.time_budget_s - (time.perf_counter() - start)
                 guess = predicted_s(payload["records"], config)
                 if left is not None and (left <= 0 or (guess is not None and guess > left)):

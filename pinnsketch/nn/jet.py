@@ -393,10 +393,14 @@ def compose_streams(z: torch.Tensor, derivs: Sequence[torch.Tensor], spec: JetSp
             out[s] = out[s] + (term if m == 1 else m * term)
         return torch.stack(out)
     out = torch.empty(z.shape, dtype=torch.result_type(z, d1), device=z.device)
-    out[0] = d0
-    torch.mul(z[1:], d1, out=out[1:])
+    zs, outs = z.unbind(0), out.unbind(0)
+    outs[0].copy_(d0)
+    # stream by stream, not one broadcast (S-1, N, w) x (N, w) product: same-shape operands
+    # take CUDA's vectorized elementwise kernels (the broadcast one ran at about half the
+    # bandwidth on an H200); on the CPU the two forms cost the same
+    for s in range(1, size):
+        torch.mul(zs[s], d1, out=outs[s])
     if higher:
-        zs, outs = z.unbind(0), out.unbind(0)
         for s, m, k, blocks in higher:
             term = derivs[k] * zs[blocks[0]]
             for b in blocks[1:-1]:
@@ -458,8 +462,10 @@ def compose_vjp(z: torch.Tensor, derivs: Sequence[torch.Tensor], grad_a: torch.T
         else:
             acc[k] = ga * prod
     # everything that reads grad_a is computed: now grad_z_s = f'(z_0) grad_a_s on every stream
-    out = grad_a.mul_(d1) if overwrite else grad_a * d1
+    out = grad_a if overwrite else torch.empty_like(grad_a)
     outs = out.unbind(0)
+    for s in range(spec.size):           # stream by stream: see compose_streams
+        torch.mul(gas[s], d1, out=outs[s])
     for b, gd, others, c in pending:
         outs[b].addcmul_(gd, others, value=c)
     for k, c in acc.items():
