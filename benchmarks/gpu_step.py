@@ -9,7 +9,9 @@ backward, an Adam update. Networks: `mlp` (tanh MLP 2-256x6-1) and `residual`
 (ResidualMLP, 256 wide, 12 residual blocks). `nested` is a plain torch network of the
 same shape (`torch.nn.Sequential` for `mlp`) whose u_x, u_t, u_xx come from nested
 `torch.autograd.grad` (what DeepXDE does); the others are `pinnsketch.nn` models with
-`model.jet(x, JetSpec.from_names(["x", "t", "xx"], ["x", "t"]))` and the named storage.
+`model.jet(x, JetSpec.from_names(["x", "t", "xx"], ["x", "t"]))` and the named storage;
+`compiled` is `exact` with the loss through `torch.compile` (inductor, dynamic point count), as
+`solve(compile=True)` runs it (its compile time is in `warmup_s`).
 
 Per configuration: `--warmup` untimed steps, then the median wall time of `--steps`
 steps. CUDA (all in this process): synchronized timing; peak =
@@ -46,7 +48,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 NU = 0.01 / math.pi
 NETWORKS = ("mlp", "residual")
-STORAGES = ("nested", "exact", "checkpoint", "lowrank", "ema", "projection")
+STORAGES = ("nested", "exact", "checkpoint", "lowrank", "ema", "projection", "compiled")
 DEFAULT_STORAGES = ("nested", "exact", "checkpoint", "lowrank")
 DEFAULT_POINTS = {"cuda": (32_768, 262_144, 1_048_576), "cpu": (4_096, 16_384)}
 
@@ -115,9 +117,22 @@ def build(config: dict, device: torch.device):
         net = nested_network(config["network"], config["width"], depth, device=device, dtype=dtype, seed=0)
         return net, lambda x: nested_loss(net, x)
     cls = MLP if config["network"] == "mlp" else ResidualMLP
-    model = cls(2, 1, width=config["width"], depth=depth, activation="tanh", storage=config["storage"], seed=0,
+    compiled = config["storage"] == "compiled"
+    model = cls(2, 1, width=config["width"], depth=depth, activation="tanh",
+                storage="exact" if compiled else config["storage"], seed=0,
                 dtype=dtype, device=device, chunk_bytes=config.get("chunk_bytes"))
     spec = JetSpec.from_names(["x", "t", "xx"], ["x", "t"])
+    if compiled:
+        # what solve(compile=True) compiles: the exact network's jet as plain torch ops
+        # (pinnsketch.nn.functional.plain_jet), forward and backward fused by inductor
+        from pinnsketch.nn.functional import plain_jet
+
+        def loss(x):
+            jet = plain_jet(model, x, spec)
+            u, ux, ut, uxx = (jet.d(mi) for mi in ((), (0,), (1,), (0, 0)))
+            return ((ut + u * ux - NU * uxx) ** 2).mean()
+
+        return model, torch.compile(loss, dynamic=True)
     return model, lambda x: jet_loss(model, x, spec)
 
 

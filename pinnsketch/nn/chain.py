@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..sketch import SubspaceRequest, track_many
 from .chunking import default_chunk_bytes, row_chunks
-from .fused import BlockCall, _activation_vjp, _linear
+from .fused import BlockCall, _activation_vjp, _linear, _linear_into
 
 __all__ = ["ChainFunction", "ChainCall", "ChainStage", "prepare_chain"]
 
@@ -69,10 +70,7 @@ def _stage_forward(stage: ChainStage, z: torch.Tensor, weight, bias,
     if out is None:
         out = _linear(a, weight, bias)
     else:
-        for s in range(a.shape[0]):                # per stream: `out` is a row slice of a (S, N, w) buffer
-            torch.mm(a[s], weight.mT, out=out[s])
-        if bias is not None:
-            out[0] += bias
+        _linear_into(a, weight, bias, out)         # `out` is a row slice of a (S, N, w) buffer
     if stage.residual:
         out += z
     return a, out
@@ -96,14 +94,18 @@ def prepare_chain(stages: tuple[ChainStage, ...], z: torch.Tensor, params: list[
         return
     sample_rows = min(2048, max(256, 8 * max(w for (_, _, w), want in zip(shapes, wanting) if want)))
     stride = max(1, -(-n // sample_rows))
+    requests = []
     with torch.no_grad():
         zs = z[:, ::stride]
         for i, st in enumerate(stages):
             if wanting[i]:
-                st.block.storage.prepare(zs, st.block, shapes[i])
+                requests.append(st.block.storage.prepare(zs, st.block, shapes[i]))
             if not any(wanting[i + 1:]):
                 break
             _, zs = _stage_forward(st, zs, params[2 * i], params[2 * i + 1])
+    # the policies' deferred basis updates of all blocks at once: one eigensolver call per kind
+    # of update instead of one per block (on a GPU each costs launches and a host wait)
+    track_many([r for r in requests if isinstance(r, SubspaceRequest)])
 
 
 class ChainFunction(torch.autograd.Function):

@@ -107,10 +107,15 @@ class IntCodec(AbstractCodec):
         g, ng = self._groups(w)
         xg = x if ng * g == w else torch.cat([x, x.new_zeros(n, ng * g - w)], dim=1)
         xg = xg.view(n, ng, g)
-        magnitude = xg.abs()
-        scale = _row_max(magnitude) / self._levels       # (N, G); a new tensor: magnitude is reused below
+        if x.device.type == "cpu":
+            magnitude = xg.abs()
+            scale = _row_max(magnitude) / self._levels   # (N, G); a new tensor: magnitude is reused below
+        else:
+            # max |x| in one reduction, without materializing |x| (an accelerator is bandwidth-bound)
+            magnitude = None
+            scale = torch.linalg.vector_norm(xg, ord=math.inf, dim=-1) / self._levels
         safe = torch.where(scale > 0, scale, 1.0)
-        # in place in |x|'s buffer, no longer needed: the same values as round(xg / safe).clamp(...)
+        # the same values as round(xg / safe).clamp(...); on the CPU in |x|'s buffer, no longer needed
         q = torch.div(xg, safe[:, :, None], out=magnitude).round_().clamp_(-self._levels, self._levels)
         return q, scale
 
@@ -136,14 +141,22 @@ class IntCodec(AbstractCodec):
         x_hat = q.add_(0.0).mul_(parts[1][:, :, None]).view(n, -1)
         return parts, (x_hat if x_hat.shape[1] == w else x_hat[:, :w].contiguous())
 
-    def decode(self, parts, shape, dtype):
+    def decode(self, parts, shape, dtype, out: torch.Tensor | None = None):
+        """The (N, w) matrix of `parts`; written into `out` (N, w, contiguous, `dtype`) when given."""
         codes, scale = parts
         n, w = shape
         g, ng = self._groups(w)
         if self.bits == 4:
             codes = _unpack_nibbles(codes, ng * g)
-        x = codes.view(n, ng, g).to(dtype).mul_(scale.to(dtype)[:, :, None])
-        return x.view(n, ng * g)[:, :w]
+        scale = scale.to(dtype)[:, :, None]
+        if out is not None and ng * g == w:
+            # integer codes times float scales: one pass, converted on the fly
+            torch.mul(codes.view(n, ng, g), scale, out=out.view(n, ng, g))
+            return out
+        x = codes.view(n, ng, g).to(dtype).mul_(scale).view(n, ng * g)[:, :w]
+        if out is None:
+            return x
+        return out.copy_(x)
 
     def nbytes(self, shape, dtype):
         n, w = shape

@@ -164,10 +164,29 @@ class FusedDense(torch.autograd.Function):
 def _linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """a (S, N, in) -> a W^T + b (S, N, out), the bias on stream 0 only; one matmul for all streams."""
     s, n, w_in = a.shape
-    z = (a.reshape(s * n, w_in) @ weight.mT).view(s, n, weight.shape[0])
-    if bias is not None:
-        z[0] += bias
+    if bias is None:
+        return (a.reshape(s * n, w_in) @ weight.mT).view(s, n, weight.shape[0])
+    z = a.new_empty(s, n, weight.shape[0])
+    _linear_into(a, weight, bias, z)
     return z
+
+
+def _linear_into(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out (S, N, out) = a W^T + b, the bias on stream 0 only, added inside its product (addmm):
+    a separate pass over a broadcast bias costs as much as a product's output write on a GPU."""
+    s, n, w_in = a.shape
+    if bias is None:
+        torch.mm(a[0], weight.mT, out=out[0])
+    else:
+        torch.addmm(bias, a[0], weight.mT, out=out[0])
+    if s == 1:
+        return
+    rest = a[1:]
+    if rest.is_contiguous() and out[1:].is_contiguous():     # the other streams in one product
+        torch.mm(rest.reshape((s - 1) * n, w_in), weight.mT, out=out[1:].view((s - 1) * n, -1))
+    else:
+        for k in range(1, s):                # row slices of a chunked buffer: one product per stream
+            torch.mm(a[k], weight.mT, out=out[k])
 
 
 def _activation_vjp(call: BlockCall, z: torch.Tensor | None, mask: torch.Tensor | None,

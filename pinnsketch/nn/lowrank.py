@@ -88,7 +88,7 @@ import math
 import torch
 
 
-from ..sketch import TrackedSubspace, make_operator
+from ..sketch import SubspaceRequest, TrackedSubspace, make_operator, track_many
 from .activations import Identity, ReLU
 from .codecs import IntCodec, pack_mask, unpack_mask
 from .collective import agree, distributed_active
@@ -199,6 +199,7 @@ class LowRankStorage(AbstractStorage):
         self._backward_seen = False                 # a backward ran since the last forward call
         self._key: tuple | None = None              # the key of the call between wants_sample and begin
         self._pending_tails: list = []                      # (class, residual factors) of this step's bases
+        self._requests: dict[tuple, SubspaceRequest] = {}   # call key -> basis update of this step, not yet taken
         self._pending_calls: list[_Measure] = []            # device-side measurements of this step
         self._pending_audits: list[tuple] = []
 
@@ -367,13 +368,21 @@ class LowRankStorage(AbstractStorage):
             check_finite_activation(z_sample, self.layer, self.name)       # once, before any basis exists
             self._start(w)
         gram = z_sample.mT @ z_sample                                           # (S, w, w)
-        basis = self._bases.get(key)
-        if basis is None:
-            self._bases[key] = basis = TrackedSubspace.from_gram(gram, self._basis_size(w))
-        else:
-            basis.update(gram, self._basis_size(w))
+        # the eigensolver work is deferred: a chain runs every block's request in one batch
+        # (`track_many`), and `begin` runs a request nobody ran
+        request = SubspaceRequest(self._bases.get(key), gram, self._basis_size(w))
+        self._requests[key] = request
         self._fresh.add(key)
-        self._pending_tails.append((s, *basis.tail_factors(min(self.rank, basis.q.shape[-1]))))
+        return request
+
+    def _settle(self, key) -> None:
+        """Take the result of the basis request of calls `key`, running it if it has not run."""
+        request = self._requests.pop(key, None)
+        if request is None:
+            return
+        basis = request.result if request.result is not None else track_many([request])[0]
+        self._bases[key] = basis
+        self._pending_tails.append((key[0], *basis.tail_factors(min(self.rank, basis.q.shape[-1]))))
 
     def _basis_size(self, w: int) -> int:
         """Columns of the tracked subspace: 2r, so that the energy at rank 2r is known."""
@@ -391,6 +400,7 @@ class LowRankStorage(AbstractStorage):
         s, n, w = shape
         key = self._key if self._key is not None and self._key[:3] == tuple(shape) else self._call_key(shape)
         self._key = None
+        self._settle(key)
         smooth = not block.piecewise_linear
         why = self._stores_exactly(s, n, w, dtype, smooth)
         if why is not None:
@@ -521,6 +531,8 @@ class LowRankStorage(AbstractStorage):
         # the one host read of the policy per step: the controller reads the step's measurements
         # here, never inside the forward or backward pass (on CUDA the eigensolver of the basis
         # update also waits for its small result)
+        for key in list(self._requests):
+            self._settle(key)
         self._resolve_pending()
         # bases of call shapes this step did not use (the point count changed) are dropped
         self._bases = {k: b for k, b in self._bases.items() if k in self._fresh}
@@ -552,6 +564,8 @@ class LowRankStorage(AbstractStorage):
     _STATE = ("value_bits", "sketch_error")
 
     def get_extra_state(self):
+        for key in list(self._requests):
+            self._settle(key)
         self._resolve_pending()      # measurements of the current step: the same values, read now
         state = super().get_extra_state()
         # plain values and tensors, so any HDF5/JSON writer can store them
@@ -576,7 +590,7 @@ class LowRankStorage(AbstractStorage):
         self._fresh = {tuple(k) for k in saved.get("fresh", [])}
         self._ordinals = {ast.literal_eval(k): v for k, v in saved.get("ordinals", {}).items()}
         self._backward_seen, self._key = bool(saved.get("backward_seen", False)), None
-        self._pending_tails = []
+        self._pending_tails, self._requests = [], {}
         self._pending_calls, self._pending_audits = [], []
 
 
@@ -613,18 +627,9 @@ class _LowRankPacking(Packing):
         self.u_dtype = torch.bfloat16 if coded and dtype == torch.float32 else dtype   # the residual absorbs it
         self.groups = [(IntCodec(b, policy.group), streams) for b, streams in _groups(bits) if b is not None]
         self.kept = _ExactPacking(policy, shape, dtype, device) if self.fallback else None     # exact fallback: z_prev itself
-        self.u = self.codes = self.mask = None
-        if not self.fallback:
-            self.u = torch.empty(s, n, r, dtype=self.u_dtype, device=device)
-            self.codes = []
-            for codec, streams in self.groups:
-                g = streams.stop - streams.start
-                cols, scales = _code_shape(codec, w)
-                self.codes += [torch.empty(g, n, cols, dtype=torch.uint8 if codec.bits == 4 else torch.int8,
-                                           device=device),
-                               torch.empty(g, n, scales, dtype=dtype, device=device)]
-            if isinstance(block.activation, ReLU):
-                self.mask = torch.empty(n, -(-w // 8), dtype=torch.uint8, device=device)
+        # U, codes, scales and ReLU's mask bits: a call that comes in one chunk keeps the encoder's own
+        # tensors; a chunked one copies each chunk into one buffer per tensor (`_rows_into`)
+        self.u, self.codes, self.mask = None, [None] * (2 * len(self.groups)), None
         self.measure = _Measure(shape, device, path) if measure else None
         self.y = self.omega = None
         if audit:
@@ -638,8 +643,7 @@ class _LowRankPacking(Packing):
         u = z @ self.p                                                       # (S, m, r)
         if self.u_dtype != z.dtype:
             u = u.to(self.u_dtype)
-        residual = u.to(z.dtype) @ self.p.mT                                 # U P^T, then z - U P^T in place
-        torch.sub(z, residual, out=residual)
+        residual = torch.baddbmm(z, u.to(z.dtype), self.p.mT, alpha=-1)     # z - U P^T, one product
         measure = self.measure
         if measure is not None:
             measure.norm_sq += _sum_squares(z)          # non-finite values are reported at advance()
@@ -652,10 +656,10 @@ class _LowRankPacking(Packing):
                 torch.sub(sub, sub_hat.view(sub.shape), out=sub)             # the coding error of these streams
             else:
                 codes, scales = codec.encode(sub.reshape(-1, w))
-            if self.codes is not None:
-                g = streams.stop - streams.start
-                self.codes[2 * i][:, rows] = codes.view(g, m, -1)
-                self.codes[2 * i + 1][:, rows] = scales.view(g, m, -1)
+            if not self.fallback:
+                g, n = streams.stop - streams.start, self.shape[1]
+                self.codes[2 * i] = _rows_into(self.codes[2 * i], rows, codes.view(g, m, -1), n)
+                self.codes[2 * i + 1] = _rows_into(self.codes[2 * i + 1], rows, scales.view(g, m, -1), n)
         # `residual` now holds z - z_hat on every stream (uncoded streams: the low-rank residual itself)
         if measure is not None:
             measure.err_sq += _sum_squares(residual)
@@ -672,9 +676,10 @@ class _LowRankPacking(Packing):
         if self.fallback:
             self.kept.add(rows, z, a)
             return
-        self.u[:, rows] = u
-        if self.mask is not None:
-            self.mask[rows] = _pack_mask_rows(z[0] > 0)
+        n = self.shape[1]
+        self.u = _rows_into(self.u, rows, u, n)
+        if isinstance(self.block.activation, ReLU):
+            self.mask = _rows_into(self.mask, rows, _pack_mask_rows(z[0] > 0), n, dim=0)
 
     def finish(self):
         policy, (s, n, w) = self.policy, self.shape
@@ -693,15 +698,22 @@ class _LowRankPacking(Packing):
         return tuple(saved), meta
 
 
+def _rows_into(buffer: torch.Tensor | None, rows: slice, part: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    """`part` as rows `rows` (along `dim`) of an n-row tensor: `part` itself when it is all n rows (one
+    chunk: no copy), else written into `buffer` (allocated at the first chunk)."""
+    if buffer is None:
+        if rows.start == 0 and rows.stop == n:
+            return part
+        shape = list(part.shape)
+        shape[dim] = n
+        buffer = part.new_empty(shape)
+    buffer[(slice(None),) * dim + (rows,)] = part
+    return buffer
+
+
 def _sum_squares(x: torch.Tensor) -> torch.Tensor:
     """Per-stream sum of squares of x (S, m, w), in float64 (S,): one pass (a norm, squared after)."""
     return torch.linalg.vector_norm(x, dim=(1, 2)).to(torch.float64).square()
-
-
-def _code_shape(codec: IntCodec, w: int) -> tuple[int, int]:
-    """(code columns, scale columns) of one encoded row of width w."""
-    g, ng = codec._groups(w)
-    return (ng * g if codec.bits == 8 else (ng * g + 1) // 2), ng
 
 
 def _pack_mask_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -737,14 +749,22 @@ def _rows_fn(parts, layout, group: int | None):
     u, p, *codes = parts
     coded = [(IntCodec(b, group), streams) for b, streams in _groups(bits) if b is not None]
 
+    uncoded = [i for i, b in enumerate(bits) if b is None]
+
     def rows(r: slice) -> torch.Tensor:
-        out = u[:, r].to(p.dtype) @ p.mT                                      # (S, m, w)
-        m = out.shape[1]
+        ur = u[:, r].to(p.dtype)                                              # (S, m, r)
+        if not coded:
+            return ur @ p.mT
+        m = ur.shape[1]
+        # decoded residuals straight into the output, then + U P^T in the same product (baddbmm)
+        out = torch.empty(s, m, w, dtype=p.dtype, device=p.device)
         for i, (codec, streams) in enumerate(coded):
             g = streams.stop - streams.start
             c = codes[2 * i][:, r].reshape(g * m, -1)
             sc = codes[2 * i + 1][:, r].reshape(g * m, -1)
-            out[streams] += codec.decode((c, sc), (g * m, w), out.dtype).view(g, m, w)
-        return out
+            codec.decode((c, sc), (g * m, w), out.dtype, out=out[streams].view(g * m, w))
+        for i in uncoded:
+            out[i].zero_()
+        return out.baddbmm_(ur, p.mT)
 
     return rows

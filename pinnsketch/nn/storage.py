@@ -211,9 +211,12 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         Called once per forward call, before `prepare` and `begin`."""
         return False
 
-    def prepare(self, z_sample: torch.Tensor, block, shape: tuple[int, int, int]) -> None:
+    def prepare(self, z_sample: torch.Tensor, block, shape: tuple[int, int, int]):
         """Learn what `begin` needs for an input of `shape` (S, N, w) from a sample of its rows
-        z_sample (S, m, w) (see `wants_sample`)."""
+        z_sample (S, m, w) (see `wants_sample`). May return a `pinnsketch.sketch.SubspaceRequest`
+        that the caller runs, batched with other blocks' (`track_many`), before `begin`; `begin`
+        runs it if nobody did. Default: nothing to learn (None)."""
+        return None
 
     def weight_grad(self, grad_z: torch.Tensor, stored: Stored, block) -> torch.Tensor | None:
         """The whole grad_W (out, in) from grad_z (S, N, out), or None to accumulate chunks."""

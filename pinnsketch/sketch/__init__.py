@@ -17,7 +17,7 @@ from .operators import (
 from .randomized import randomized_range_finder, randomized_svd
 from .rank import AbstractRankController, AdaptiveRank, FixedRank
 from .seeding import derive_seed, make_generator
-from .subspace import TrackedSubspace
+from .subspace import SubspaceRequest, TrackedSubspace, track_many
 from .three_sketch import SIZINGS, ThreeSketch, sketch_sizes
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "randomized_range_finder",
     "randomized_svd",
     "TrackedSubspace",
+    "SubspaceRequest",
+    "track_many",
     "derive_seed",
     "make_generator",
 ]

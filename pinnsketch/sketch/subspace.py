@@ -10,14 +10,19 @@ full eigendecomposition replaces the iteration the first time, when k changes,
 and when k is a large part of w (then it is as cheap and exact).
 
 Everything is batched over a leading dimension S (independent matrices, e.g.
-the jet streams of one activation).
+the jet streams of one activation), and `track_many` batches several trackers'
+updates (e.g. every block of a network) into one call per kind of update: on a
+GPU each eigensolver call costs launches and a host wait for its status, so a
+network pays them once per step rather than once per block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["TrackedSubspace"]
+__all__ = ["TrackedSubspace", "SubspaceRequest", "track_many"]
 
 
 class TrackedSubspace:
@@ -35,25 +40,12 @@ class TrackedSubspace:
     @staticmethod
     def from_gram(gram: torch.Tensor, k: int) -> "TrackedSubspace":
         """The exact top-k eigenvectors of `gram` (S, w, w)."""
-        g = gram.to(torch.float64)
-        evals, evecs = torch.linalg.eigh(g)                                  # ascending
-        return TrackedSubspace(evecs.flip(-1)[..., :k].to(gram.dtype).contiguous(),
-                               evals.flip(-1)[..., :k].clamp_min(0), g.diagonal(dim1=-2, dim2=-1).sum(-1))
+        return track_many([SubspaceRequest(None, gram, k)])[0]
 
     def update(self, gram: torch.Tensor, k: int) -> None:
         """Refine the basis with the next Gram matrix (S, w, w), keeping k columns."""
-        g = gram.to(torch.float64)
-        w = g.shape[-1]
-        if 4 * k >= w or k != self.q.shape[-1]:
-            fresh = TrackedSubspace.from_gram(g, k)
-            self.q, self.evals, self.energy = fresh.q.to(self.q.dtype), fresh.evals, fresh.energy
-            return
-        y = g @ self.q.to(torch.float64)                                     # (S, w, k)
-        q, _ = torch.linalg.qr(y)
-        evals, v = torch.linalg.eigh(q.mT @ g @ q)                           # (S, k, k), ascending
-        self.q = (q @ v.flip(-1)).to(self.q.dtype).contiguous()
-        self.evals = evals.flip(-1).clamp_min(0)
-        self.energy = g.diagonal(dim1=-2, dim2=-1).sum(-1)
+        new = track_many([SubspaceRequest(self, gram, k)])[0]
+        self.q, self.evals, self.energy = new.q, new.evals, new.energy
 
     def tail_factors(self, r: int) -> tuple[list[str], torch.Tensor | None]:
         """How the residual norm ||Z - Z Q_r Q_r^T|| would change at rank 2r ("up") and r/2 ("down"),
@@ -76,3 +68,50 @@ class TrackedSubspace:
     @staticmethod
     def from_state(state: dict) -> "TrackedSubspace":
         return TrackedSubspace(state["q"].clone(), state["evals"].clone(), state["energy"].clone())
+
+
+@dataclass
+class SubspaceRequest:
+    """One pending update: refine `subspace` (None: start one) with `gram` (S, w, w), keeping k columns.
+    `result` is set by `track_many` (a new TrackedSubspace; `subspace` itself is left as it was)."""
+
+    subspace: TrackedSubspace | None
+    gram: torch.Tensor
+    k: int
+    result: TrackedSubspace | None = None
+
+    @property
+    def fresh(self) -> bool:
+        """Whether this update is a full eigendecomposition: no basis yet, k changes, or k is a large
+        part of the width (then it is as cheap as the iteration, and exact)."""
+        w = self.gram.shape[-1]
+        return self.subspace is None or 4 * self.k >= w or self.k != self.subspace.q.shape[-1]
+
+
+def track_many(requests: list[SubspaceRequest]) -> list[TrackedSubspace]:
+    """Run every request (sets `request.result`), batching those of the same kind, width, k, dtype and
+    device into one eigendecomposition (and one QR) over all their matrices; returns the results."""
+    groups: dict[tuple, list[SubspaceRequest]] = {}
+    for r in requests:
+        key = (r.fresh, r.gram.shape[-1], r.k, r.gram.dtype, r.gram.device)
+        groups.setdefault(key, []).append(r)
+    for (fresh, _, k, _, _), group in groups.items():
+        g = torch.cat([r.gram for r in group]).to(torch.float64)             # (sum S, w, w)
+        energy = g.diagonal(dim1=-2, dim2=-1).sum(-1)
+        if fresh:
+            evals, evecs = torch.linalg.eigh(g)                               # ascending
+            q, evals = evecs.flip(-1)[..., :k], evals.flip(-1)[..., :k]
+        else:
+            # one warm-started subspace iteration with Rayleigh-Ritz (Halko et al. 2011, Alg. 4.3)
+            y = g @ torch.cat([r.subspace.q for r in group]).to(torch.float64)       # (sum S, w, k)
+            y, _ = torch.linalg.qr(y)
+            evals, v = torch.linalg.eigh(y.mT @ g @ y)                        # (sum S, k, k), ascending
+            q, evals = y @ v.flip(-1), evals.flip(-1)
+        evals = evals.clamp_min(0)
+        start = 0
+        for r in group:
+            rows = slice(start, start + r.gram.shape[0])
+            start = rows.stop
+            dtype = r.gram.dtype if r.subspace is None else r.subspace.q.dtype
+            r.result = TrackedSubspace(q[rows].to(dtype).contiguous(), evals[rows], energy[rows])
+    return [r.result for r in requests]

@@ -111,6 +111,27 @@ def test_default_sketching_policy_runs_on_cuda(name):
 
 
 @needs_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("w,group", [(7, None), (256, None), (20, 6)])
+def test_int_codec_on_cuda_matches_cpu(bits, w, group):
+    # The codec takes a device-specific path for the row maxima (one reduction on CUDA, halving on
+    # the CPU); a maximum is exact in any order, so codes, scales and decodes must agree bit for bit.
+    from pinnsketch.nn.codecs import IntCodec
+
+    x = torch.randn(300, w, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 3, 300)[:, None]
+    x[7] = 0.0
+    codec = IntCodec(bits, group)
+    cpu_parts, cpu_hat = codec.encode_decode(x)
+    gpu_parts, gpu_hat = codec.encode_decode(x.cuda())
+    for a, b in zip(gpu_parts, cpu_parts):
+        assert torch.equal(a.cpu(), b)
+    assert torch.equal(gpu_hat.cpu(), cpu_hat)
+    out = torch.empty(x.shape, device="cuda")
+    codec.decode(gpu_parts, x.shape, x.dtype, out=out)
+    assert torch.equal(out.cpu(), codec.decode(cpu_parts, x.shape, x.dtype))
+
+
+@needs_cuda
 def test_seeding_under_default_device_cuda():
     # vs_deepxde.py's situation: deepxde's import switches the default device to CUDA.
     want = MLP(2, 1, width=20, depth=3, seed=0)

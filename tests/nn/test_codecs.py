@@ -65,6 +65,10 @@ def test_encode_decode_matches_decode_bit_for_bit(bits, w, group):
     assert x_hat.is_contiguous() and x_hat.shape == x.shape
     assert torch.equal(x_hat, decoded)
     assert torch.equal(torch.signbit(x_hat), torch.signbit(decoded))
+    # decode into a given buffer (the lowrank backward's path): the same values, in that buffer
+    buffer = torch.full_like(x, float("nan"))
+    assert codec.decode(parts, x.shape, x.dtype, out=buffer) is buffer
+    assert torch.equal(buffer, decoded)
 
 
 @pytest.mark.parametrize("w", [1, 2, 5, 20, 33])
