@@ -53,7 +53,7 @@ else
     TESTS=(tests/cuda -q -rs -p no:cacheprovider)
     # Sizes for under 8 minutes in all (limits: 75 + 45 + 130 + 90 + 135 s = 475 s; the whole check
     # took about 4 minutes on an H200); gpu_step measures the MLP first and records what its budget cannot fit as skipped.
-    PROFILE=(benchmarks/gpu_profile.py --device cuda --points 32768)
+    PROFILE=(benchmarks/gpu_profile.py --device cuda --points 32768 262144)
     STEP=(benchmarks/gpu_step.py --device cuda --steps 3 --warmup 1 --time-budget-s 105)
     VS=(benchmarks/vs_deepxde.py --device cuda --iterations 600 --block 50 --warmup 20)
     SOLVE=(benchmarks/solve_burgers.py --device cuda --steps 2000 --lbfgs-steps 300 --timeout-s 60)
