@@ -72,12 +72,13 @@ def _system_points(text: str) -> dict[str, int]:
 
 
 def parse_bytes(text: str) -> int:
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    t = text.strip().upper()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
+    """--budget SIZE: pinnsketch.data.bench.parse_bytes as an argparse type."""
+    from pinnsketch.data.bench import parse_bytes as parse
+
+    try:
+        return parse(text, "budget")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # -- one attempt (runs in a subprocess) ----------------------------------------------------------

@@ -140,6 +140,10 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--factorized", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                      help=f"random weight factorization, ps.Factorized: {_keys(Factorized)} (the flag alone: "
                           "these defaults)")
+    net.add_argument("--chunk-bytes", default=None, metavar="SIZE",
+                     help="bytes per row-chunk tensor of a step, e.g. 32MiB: bounds a step's working set (peak "
+                          "memory) at the cost of launches; default: the device's (one chunk per call on a GPU); "
+                          "'none' restores it")
     train = parser.add_argument_group(
         "training options (KEY=VALUE,... as in --storage; a flag changes only the keys it names; values "
         "not given keep the problem's defaults)")
@@ -188,7 +192,8 @@ def distributed_options(args: argparse.Namespace):
 
 
 # Flags that change what a run computes (refused with --resume: the file fixes them).
-_NETWORK_FLAGS = ("width", "depth", "architecture", "activation", "fourier", "periodic", "harmonics", "factorized")
+_NETWORK_FLAGS = ("width", "depth", "architecture", "activation", "fourier", "periodic", "harmonics", "factorized",
+                  "chunk_bytes")
 _OPTION_FLAGS = ("optimizer", "schedule", "lbfgs", "refine", "balance", "causal", "windows", "loss_weights")
 _TRAINING_FLAGS = ("storage", "steps", "lbfgs_steps", "lr", "points", *_NETWORK_FLAGS, *_OPTION_FLAGS, "seed",
                    "dtype", "derivatives", "eval_every", "from_file", "monitor_rank")
@@ -251,7 +256,7 @@ def _named_spec(flag: str, text: str, choices: dict, base=None, keys=None, carry
 
 def _network_options(problem, args: argparse.Namespace, network):
     """`network` (a `ps.Network`) with the network flags applied."""
-    from .data.bench import parse_key_values
+    from .data.bench import parse_bytes, parse_key_values
     from .pinn.options import Factorized, Fourier
 
     given = [_flag(k) for k in _NETWORK_FLAGS if getattr(args, k) is not None]
@@ -267,6 +272,12 @@ def _network_options(problem, args: argparse.Namespace, network):
         if text is not None:
             changes[key] = None if text.lower() == "none" else _from_spec(
                 _flag(key), text, cls, getattr(network, key), example=example)
+    if args.chunk_bytes is not None:
+        try:
+            changes["chunk_bytes"] = (None if args.chunk_bytes.lower() == "none"
+                                      else parse_bytes(args.chunk_bytes, "--chunk-bytes"))
+        except ValueError as err:
+            raise CommandError(str(err), 2) from None
     if args.periodic is not None:
         periodic = None if args.periodic.lower() == "none" else parse_key_values(
             args.periodic, f"--periodic {args.periodic!r}", "--periodic x=2", what="input")

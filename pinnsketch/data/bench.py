@@ -23,7 +23,8 @@ from ..nn import STORAGES
 from .classify import MINIBATCH_OPTIONS, make_classifier, train_classifier
 from .loaders import DATASETS, load_dataset
 
-__all__ = ["BENCH_DEFAULTS", "DEFAULT_STORAGES", "parse_storage", "parse_key_values", "run_bench", "format_table",
+__all__ = ["BENCH_DEFAULTS", "DEFAULT_STORAGES", "parse_storage", "parse_key_values", "parse_bytes", "run_bench",
+           "format_table",
            "add_bench_parser", "add_bench_arguments", "bench_command", "command_line", "git_commit", "jsonable"]
 
 #: Every registered policy, in registry order (exact, checkpoint, ema, lowrank, projection).
@@ -204,6 +205,26 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+_BYTE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """A byte count from "33554432", "32MiB", "2GiB" or "500MB" (binary and decimal units)."""
+    t = str(text).strip().upper().replace(" ", "")
+    factor = 1
+    for unit, f in _BYTE_UNITS.items():
+        if t.endswith(unit):
+            t, factor = t[: -len(unit)], f
+            break
+    try:
+        value = int(float(t) * factor)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{what} {text!r} is not a positive byte count; write e.g. 33554432, 32MiB or 2GiB")
+    return value
 
 
 def _fmt_bytes(n: int) -> str:

@@ -374,6 +374,11 @@ class Network:
     harmonics: K of the periodic embedding.
     factorized: a `ps.Factorized(mean, std)` random weight factorization of every dense
         layer (or True for the defaults mean=1, std=0.1).
+    chunk_bytes: bytes per row-chunk tensor (S, rows, width) of a training step, or None for
+        the device's default (`pinnsketch.nn.chunking`: a few MiB on the CPU, one chunk per call
+        on a GPU, which is fastest there). A smaller value bounds the step's working set at the
+        cost of more kernel launches: on an H200, 32 MiB took `lowrank`'s step peak at 32,768
+        points from 0.67 to 0.24 of `exact`'s at about 2x its time (`benchmarks/gpu_step.py`).
     Every option runs through the storage policies and jets: the embeddings feed the first
     block, factorized weights are computed before each block, and the gated architectures
     keep their gating arithmetic outside the policies (saved exactly; `pinnsketch.nn.gated`).
@@ -387,9 +392,12 @@ class Network:
     periodic: dict | None = None
     harmonics: int = 1
     factorized: Factorized | None = None
+    chunk_bytes: int | None = None
 
     def __post_init__(self):
         _positive_int(self.width, "Network width")
+        if self.chunk_bytes is not None:
+            _positive_int(self.chunk_bytes, "Network chunk_bytes")
         _positive_int(self.depth, "Network depth")
         from ..nn.activations import get_activation
 
@@ -441,7 +449,8 @@ class Network:
         if self.factorized is not None:
             extra["factorized"] = (self.factorized.mean, self.factorized.std)
         return cls(in_features, out_features, width=self.width, depth=self.depth, activation=self.activation,
-                   storage=storage, seed=generator, dtype=dtype, device=device, **extra)
+                   storage=storage, seed=generator, dtype=dtype, device=device, chunk_bytes=self.chunk_bytes,
+                   **extra)
 
     def config(self) -> dict:
         """JSON-able options: width, depth, activation, and the other options where not at their defaults."""
@@ -455,4 +464,6 @@ class Network:
             out["harmonics"] = self.harmonics
         if self.factorized is not None:
             out["factorized"] = self.factorized.config()
+        if self.chunk_bytes is not None:
+            out["chunk_bytes"] = self.chunk_bytes
         return out

@@ -114,8 +114,11 @@ def test_default_sketching_policy_runs_on_cuda(name):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("w,group", [(7, None), (256, None), (20, 6)])
 def test_int_codec_on_cuda_matches_cpu(bits, w, group):
-    # The codec takes a device-specific path for the row maxima (one reduction on CUDA, halving on
-    # the CPU); a maximum is exact in any order, so codes, scales and decodes must agree bit for bit.
+    # The codec takes device-specific paths (row maxima by one reduction on CUDA, by halving on the
+    # CPU; CUDA divides by a host scalar as a multiplication by its reciprocal), so scales agree to
+    # rounding and a code may differ by one step where x / scale lands on a rounding boundary. Each
+    # device's decode must meet the codec's error bound, and decoding into a buffer must give
+    # exactly what decode returns (seen on an H200: scales differed in the last bit).
     from pinnsketch.nn.codecs import IntCodec
 
     x = torch.randn(300, w, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 3, 300)[:, None]
@@ -123,12 +126,17 @@ def test_int_codec_on_cuda_matches_cpu(bits, w, group):
     codec = IntCodec(bits, group)
     cpu_parts, cpu_hat = codec.encode_decode(x)
     gpu_parts, gpu_hat = codec.encode_decode(x.cuda())
-    for a, b in zip(gpu_parts, cpu_parts):
-        assert torch.equal(a.cpu(), b)
-    assert torch.equal(gpu_hat.cpu(), cpu_hat)
+    cpu_scale, gpu_scale = cpu_parts[1], gpu_parts[1].cpu()
+    assert torch.allclose(gpu_scale, cpu_scale, rtol=1e-6, atol=0)
+    # per-element scale (N, w): each group's scale over its columns
+    g = w if group is None else group
+    step = cpu_scale.repeat_interleave(g, dim=1)[:, :w]
+    assert ((gpu_hat.cpu() - cpu_hat).abs() <= 1.0001 * step).all()          # at most one code step apart
+    assert ((gpu_hat.cpu() - x).abs() <= 0.5001 * step).all()                # the codec's own bound
     out = torch.empty(x.shape, device="cuda")
-    codec.decode(gpu_parts, x.shape, x.dtype, out=out)
-    assert torch.equal(out.cpu(), codec.decode(cpu_parts, x.shape, x.dtype))
+    assert codec.decode(gpu_parts, x.shape, x.dtype, out=out) is out
+    assert torch.equal(out, codec.decode(gpu_parts, x.shape, x.dtype))
+    assert torch.equal(out, gpu_hat)
 
 
 @needs_cuda

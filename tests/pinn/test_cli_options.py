@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import pinnsketch as ps
 from pinnsketch import problems
@@ -48,6 +49,8 @@ def options(problem: str, *flags: str, recorded=None) -> dict:
     (["--lbfgs", "steps=7", "--lbfgs-steps", "3"], "lbfgs", ps.LBFGS(steps=3)),
     (["--loss-weights", "pde=2,initial_u=10"], "loss_weights", {"pde": 2, "initial_u": 10}),
     (["--windows", "3"], "windows", ps.TimeWindows(3)),
+    (["--chunk-bytes", "32MiB"], "network", ps.Network(chunk_bytes=32 * 2**20)),
+    (["--chunk-bytes", "1048576"], "network", ps.Network(chunk_bytes=2**20)),
 ])
 def test_each_flag_parses_into_its_option_object(flags, key, expected):
     got = options("heat", *flags)
@@ -102,6 +105,8 @@ def test_network_flags_keep_the_problems_network_and_the_recorded_options():
     (["--activation", "swish"], "swish"),
     (["--periodic", "x"], "input 'x' in --periodic 'x' is not KEY=VALUE; write e.g. --periodic x=2"),
     (["--harmonics", "3"], "harmonics=3 applies to the periodic embedding"),
+    (["--chunk-bytes", "lots"], "--chunk-bytes 'lots' is not a positive byte count; write e.g. 33554432, 32MiB"),
+    (["--chunk-bytes", "0"], "--chunk-bytes '0' is not a positive byte count"),
 ])
 def test_bad_option_is_one_line_naming_it_and_exit_2(flags, match, capsys):
     assert run_cli(["solve", "heat", *flags, "--no-progress"]) == 2
@@ -190,3 +195,17 @@ def test_windows_flag_runs_marching_and_refuses_a_bad_count(tmp_path, capsys):
     assert solve_options_from_config(config)["windows"] == ps.TimeWindows(2)
     assert main(["solve", "heat", *TINY, "--windows", "1"]) == 2
     assert "--windows 1" in capsys.readouterr().err
+
+
+def test_chunk_bytes_reaches_every_block_and_the_run_file(tmp_path, capsys):
+    out = tmp_path / "chunked.h5"
+    assert main(["solve", "heat", *TINY, "--chunk-bytes", "4KiB", "--out", str(out)]) == 0
+    network = solve_options_from_config(json.loads(load(out).attrs["config"]))["network"]
+    assert network.chunk_bytes == 4096
+    model = network.build(2, 1, "lowrank", torch.Generator().manual_seed(0), None, None,
+                          input_names=("x", "t"))
+    assert model.chunk_bytes == 4096 and all(b.chunk_bytes == 4096 for b in model.blocks)
+    assert options("heat", "--chunk-bytes", "none", recorded={"network": network})["network"].chunk_bytes is None
+    with pytest.raises(ValueError, match="Network chunk_bytes=-1 must be"):
+        ps.Network(chunk_bytes=-1)
+    capsys.readouterr()
