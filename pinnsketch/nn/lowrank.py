@@ -89,6 +89,7 @@ import torch
 
 
 from ..sketch import SubspaceRequest, TrackedSubspace, make_operator, track_many
+from ..sketch.subspace import tail_factors_from
 from .activations import Identity, ReLU
 from .codecs import IntCodec, pack_mask, unpack_mask
 from .collective import agree, distributed_active
@@ -382,7 +383,8 @@ class LowRankStorage(AbstractStorage):
             return
         basis = request.result if request.result is not None else track_many([request])[0]
         self._bases[key] = basis
-        self._pending_tails.append((key[0], *basis.tail_factors(min(self.rank, basis.q.shape[-1]))))
+        # the residual factors are worked out on the host from the Ritz values, read at advance()
+        self._pending_tails.append((key[0], basis.evals, basis.energy, min(self.rank, basis.q.shape[-1])))
 
     def _basis_size(self, w: int) -> int:
         """Columns of the tracked subspace: 2r, so that the energy at rank 2r is known."""
@@ -477,25 +479,32 @@ class LowRankStorage(AbstractStorage):
     def _resolve_pending(self) -> None:
         """Read the step's measurements and its bases' residual factors on the host in one transfer,
         and hand them to the controller."""
-        calls, audits = self._pending_calls, self._pending_audits
-        tails = [t for t in self._pending_tails if t[2] is not None]
+        calls, audits, tails = self._pending_calls, self._pending_audits, self._pending_tails
         self._pending_tails = []
         if not calls and not audits and not tails:
             return
-        values = torch.cat([torch.cat([c.norm_sq, c.low_sq, c.err_sq]) for c in calls]
+        # one transfer: per measured call its per-stream norms (3 x S per chunk), per audit three
+        # scalars, per basis its Ritz values and energies
+        values = torch.cat([torch.stack(c.norms).to(torch.float64).flatten() for c in calls]
                            + [torch.stack(a[:3]).to(torch.float64) for a in audits]
-                           + [t.to(torch.float64) for _, _, t in tails]).tolist()
+                           + [torch.cat([e.flatten(), en]).to(torch.float64) for _, e, en, _ in tails]).tolist()
         control = self.control
         control.step = self.step
-        pos = len(values) - sum(len(names) for _, names, _ in tails)
-        for cls, names, _ in tails:
-            control.observe_tails(cls, dict(zip(names, values[pos:pos + len(names)])))
-            pos += len(names)
+        pos = len(values) - sum(e.numel() + en.numel() for _, e, en, _ in tails)
+        for cls, evals, energy, r in tails:
+            s, k = evals.shape
+            flat = values[pos:pos + s * k]
+            control.observe_tails(cls, tail_factors_from([flat[i * k:(i + 1) * k] for i in range(s)],
+                                                         values[pos + s * k:pos + s * k + s], r))
+            pos += s * k + s
         pos = 0
         for c in calls:
-            s = c.shape[0]
-            norm_sq, low_sq, err_sq = (values[pos + i * s:pos + (i + 1) * s] for i in range(3))
-            pos += 3 * s
+            s, chunks = c.shape[0], len(c.norms) // 3
+            per_chunk = [values[pos + j * 3 * s:pos + (j + 1) * 3 * s] for j in range(chunks)]
+            pos += 3 * s * chunks
+            # sums of squares over the chunks, per stream: (norm, low-rank residual, final error)
+            norm_sq, low_sq, err_sq = ([sum(v[i * s + st] ** 2 for v in per_chunk) for st in range(s)]
+                                       for i in range(3))
             if not all(map(math.isfinite, norm_sq)):
                 raise StorageError(
                     f"layer {self.layer}: non-finite activations (NaN or inf) reached the 'lowrank' storage, "
@@ -595,14 +604,16 @@ class LowRankStorage(AbstractStorage):
 
 
 class _Measure:
-    """Device-side sums of squares of one measured call, per stream (S,): read at `advance()`."""
+    """Device-side norms of one measured call, per chunk and stream: read at `advance()`.
 
-    __slots__ = ("shape", "path", "norm_sq", "low_sq", "err_sq", "recon")
+    norms: per chunk three (S,) tensors, the norms of z, of its low-rank residual and of the final
+    error z - z_hat; their squares summed over the chunks give the call's sums of squares."""
 
-    def __init__(self, shape, device, path: bool):
+    __slots__ = ("shape", "path", "norms", "recon")
+
+    def __init__(self, shape, path: bool):
         self.shape, self.path = shape, path
-        self.norm_sq, self.low_sq, self.err_sq = (torch.zeros(shape[0], dtype=torch.float64, device=device)
-                                                  for _ in range(3))
+        self.norms: list[torch.Tensor] = []
         self.recon: float | None = None
 
 
@@ -630,7 +641,7 @@ class _LowRankPacking(Packing):
         # U, codes, scales and ReLU's mask bits: a call that comes in one chunk keeps the encoder's own
         # tensors; a chunked one copies each chunk into one buffer per tensor (`_rows_into`)
         self.u, self.codes, self.mask = None, [None] * (2 * len(self.groups)), None
-        self.measure = _Measure(shape, device, path) if measure else None
+        self.measure = _Measure(shape, path) if measure else None
         self.y = self.omega = None
         if audit:
             self.omega = make_operator("gaussian", policy.audit_size, w, seed=policy.step_seed("audit"), dtype=dtype,
@@ -646,8 +657,8 @@ class _LowRankPacking(Packing):
         residual = torch.baddbmm(z, u.to(z.dtype), self.p.mT, alpha=-1)     # z - U P^T, one product
         measure = self.measure
         if measure is not None:
-            measure.norm_sq += _sum_squares(z)          # non-finite values are reported at advance()
-            measure.low_sq += _sum_squares(residual)
+            # norms of z and of the low-rank residual (non-finite values are reported at advance())
+            measure.norms += [_stream_norms(z), _stream_norms(residual)]
         decode = measure is not None or self.audit
         for i, (codec, streams) in enumerate(self.groups):
             sub = residual[streams]                                          # (G, m, w)
@@ -662,7 +673,7 @@ class _LowRankPacking(Packing):
                 self.codes[2 * i + 1] = _rows_into(self.codes[2 * i + 1], rows, scales.view(g, m, -1), n)
         # `residual` now holds z - z_hat on every stream (uncoded streams: the low-rank residual itself)
         if measure is not None:
-            measure.err_sq += _sum_squares(residual)
+            measure.norms.append(_stream_norms(residual))
         if self.audit:
             z_hat = torch.sub(z, residual, out=residual)
             act = self.block.activation
@@ -711,9 +722,9 @@ def _rows_into(buffer: torch.Tensor | None, rows: slice, part: torch.Tensor, n: 
     return buffer
 
 
-def _sum_squares(x: torch.Tensor) -> torch.Tensor:
-    """Per-stream sum of squares of x (S, m, w), in float64 (S,): one pass (a norm, squared after)."""
-    return torch.linalg.vector_norm(x, dim=(1, 2)).to(torch.float64).square()
+def _stream_norms(x: torch.Tensor) -> torch.Tensor:
+    """Per-stream Frobenius norm of x (S, m, w): (S,), one pass; squared and summed on the host."""
+    return torch.linalg.vector_norm(x, dim=(1, 2))
 
 
 def _pack_mask_rows(mask: torch.Tensor) -> torch.Tensor:

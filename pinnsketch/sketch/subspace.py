@@ -18,11 +18,12 @@ network pays them once per step rather than once per block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TrackedSubspace", "SubspaceRequest", "track_many"]
+__all__ = ["TrackedSubspace", "SubspaceRequest", "track_many", "tail_factors_from"]
 
 
 class TrackedSubspace:
@@ -47,20 +48,11 @@ class TrackedSubspace:
         new = track_many([SubspaceRequest(self, gram, k)])[0]
         self.q, self.evals, self.energy = new.q, new.evals, new.energy
 
-    def tail_factors(self, r: int) -> tuple[list[str], torch.Tensor | None]:
+    def tail_factors(self, r: int) -> dict[str, float]:
         """How the residual norm ||Z - Z Q_r Q_r^T|| would change at rank 2r ("up") and r/2 ("down"),
-        worst over S: (names, a device tensor of one factor per name), or ([], None) when the
-        tracked columns cannot tell."""
-        k = self.evals.shape[-1]
-        names = [name for name, ok in (("up", 2 * r <= k), ("down", r // 2 >= 1)) if ok]
-        if r > k or not names:
-            return [], None
-        cols = [r - 1] + [2 * r - 1 if name == "up" else r // 2 - 1 for name in names]
-        captured = self.evals.cumsum(-1)[..., cols]                         # (S, 1 + len(names))
-        tails = (self.energy[:, None] - captured).clamp_min(0).sqrt()
-        floor = 1e-30 * self.energy.max().clamp_min(1e-30).sqrt()
-        base = torch.maximum(tails[:, 0], floor)
-        return names, (tails[:, 1:] / base[:, None]).amax(dim=0)
+        worst over S: {name: factor}, empty when the tracked columns cannot tell. Reads evals and
+        energy on the host (`tail_factors_from` takes them already read)."""
+        return tail_factors_from(self.evals.tolist(), self.energy.tolist(), r)
 
     def state(self) -> dict:
         return {"q": self.q.clone(), "evals": self.evals.clone(), "energy": self.energy.clone()}
@@ -115,3 +107,21 @@ def track_many(requests: list[SubspaceRequest]) -> list[TrackedSubspace]:
             dtype = r.gram.dtype if r.subspace is None else r.subspace.q.dtype
             r.result = TrackedSubspace(q[rows].to(dtype).contiguous(), evals[rows], energy[rows])
     return [r.result for r in requests]
+
+
+def tail_factors_from(evals: list[list[float]], energy: list[float], r: int) -> dict[str, float]:
+    """`TrackedSubspace.tail_factors` from its Ritz values evals (S lists of k, decreasing) and energies
+    (S,), as plain numbers: the residual at rank c is sqrt(energy - sum of the top c Ritz values)."""
+    k = len(evals[0])
+    cols = {name: c for name, c, ok in (("up", 2 * r, 2 * r <= k), ("down", r // 2, r // 2 >= 1)) if ok}
+    if r > k or not cols:
+        return {}
+    floor = 1e-30 * math.sqrt(max(max(energy), 1e-30))
+
+    def tail(s: int, c: int) -> float:
+        return math.sqrt(max(energy[s] - math.fsum(evals[s][:c]), 0.0))
+
+    out = {}
+    for name, c in cols.items():
+        out[name] = max(tail(s, c) / max(tail(s, r), floor) for s in range(len(energy)))
+    return out
