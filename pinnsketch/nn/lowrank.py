@@ -25,7 +25,10 @@ shape, so a PINN's boundary and initial points get their own) has its own basis;
 the sample's Gram matrix z_s^T z_s refines the
 previous step's basis by one subspace iteration with Rayleigh-Ritz (Halko,
 Martinsson & Tropp 2011, Alg. 4.3, warm-started; a full eigendecomposition
-the first time). The basis is fixed within a step, so L-BFGS re-evaluations see
+the first time). `prepare` only forms the Gram matrix and returns a request;
+the chain runs the requests of all its blocks as one batched eigensolver call
+(`pinnsketch.sketch.track_many`), so a network pays the solver's launches and
+host wait once per step, not once per block. The basis is fixed within a step, so L-BFGS re-evaluations see
 the same compression; the quantized residual absorbs what a basis from a
 sample misses (a few shock rows), and the measured error (below) says how
 much that is. No N-sized random test matrix is drawn.
@@ -73,10 +76,13 @@ activation, the error its reconstruction sends down the derivative path.
   becomes max(target, noise_fraction x sigma). Full-batch PINN training
   leaves it off (None).
 
-**Synchronization.** Measurements stay on the device during the step; the
-controller reads them once, in `advance()`. Nothing in the forward or
-backward pass waits for the device (non-finite activations are reported by
-`prepare`, the first time a call shape is seen, and otherwise at `advance()`).
+**Synchronization.** Measurements (per-stream norms) and the bases' Ritz
+values stay on the device during the step; `advance()` reads them in one
+transfer, squares and sums them and works out the residual factors on the
+host. Within the forward and backward pass the only wait for the device is the
+batched eigensolver's status check on CUDA (non-finite activations are
+reported by `prepare`, the first time a call shape is seen, and otherwise at
+`advance()`).
 """
 
 from __future__ import annotations
