@@ -6,6 +6,8 @@
 #   4. benchmarks/vs_deepxde.py --device cuda  -> results/vs_deepxde_cuda.json
 #   5. pinnsketch solve burgers --device cuda --storage exact|lowrank --steps 2000 --lbfgs-steps 300
 #      (benchmarks/solve_burgers.py)          -> results/solve_burgers_cuda.json
+#   6. gpu_step.py with 32 MiB chunks (the memory-bound setting) -> results/gpu_step_chunked_cuda.json
+#   7. gpu_step.py with the compiled loss (CUDA only)         -> results/gpu_step_compiled_cuda.json
 # and a summary of the steps (exit status, seconds) -> results/gpu_check_cuda.json.
 # Every step has its own time limit (`timeout`); a step that fails or times out is
 # recorded and the others still run; the exit status is 1 when any step failed.
@@ -15,7 +17,8 @@
 #                                                    # writing into a temporary folder (CI runs this)
 #   bash benchmarks/gpu_check.sh [--dry-run] --out-dir DIR
 #
-# Run it inside the environment with pinnsketch installed (PYTHON=... to choose the interpreter).
+# Run it inside the environment with pinnsketch installed (PYTHON=... to choose the interpreter); on a
+# machine without internet see benchmarks/README.md ("The GPU check") for how it ran without installing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) DRY=1; shift ;;
         --out-dir) OUT="${2:?--out-dir needs a folder}"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1'; use --dry-run and/or --out-dir DIR" >&2; exit 2 ;;
     esac
 done
@@ -42,7 +45,9 @@ if [[ $DRY == 1 ]]; then
     STEP=(benchmarks/gpu_step.py --device cpu --dry-run)
     VS=(benchmarks/vs_deepxde.py --device cpu --iterations 20 --block 10 --warmup 2 --variants exact lowrank)
     SOLVE=(benchmarks/solve_burgers.py --device cpu --steps 3 --lbfgs-steps 1 --points 200)
-    LIMITS=(300 300 300 300 300)  # backstops only: the dry run takes about 50 s of CPU time
+    CHUNKED=(benchmarks/gpu_step.py --device cpu --dry-run --networks mlp --storages exact lowrank --chunk-bytes 4096)
+    COMPILED=()    # the compiled loss needs a C++ compiler on the CPU: the dry run leaves it out
+    LIMITS=(300 300 300 300 300 300 300)  # backstops only: the dry run takes about 50 s of CPU time
 else
     DEVICE=cuda; TAG=cuda
     OUT="${OUT:-benchmarks/results}"
@@ -51,13 +56,17 @@ else
         exit 2
     fi
     TESTS=(tests/cuda -q -rs -p no:cacheprovider)
-    # Sizes for under 8 minutes in all (limits: 75 + 45 + 130 + 90 + 135 s = 475 s; the whole check
-    # took about 4 minutes on an H200); gpu_step measures the MLP first and records what its budget cannot fit as skipped.
+    # Sizes for under 8 minutes in all: on an H200 steps 1-5 took 243 s, 6 about 25 s and 7 about 80 s
+    # (most of it compiling); the limits (655 s together) are backstops; gpu_step measures the MLP first and records what its budget cannot fit as skipped.
     PROFILE=(benchmarks/gpu_profile.py --device cuda --points 32768 262144)
     STEP=(benchmarks/gpu_step.py --device cuda --steps 3 --warmup 1 --time-budget-s 105)
     VS=(benchmarks/vs_deepxde.py --device cuda --iterations 600 --block 50 --warmup 20)
     SOLVE=(benchmarks/solve_burgers.py --device cuda --steps 2000 --lbfgs-steps 300 --timeout-s 60)
-    LIMITS=(75 45 130 90 135)
+    CHUNKED=(benchmarks/gpu_step.py --device cuda --networks mlp --points 32768 262144 --storages exact checkpoint lowrank
+             --chunk-bytes 33554432 --steps 3 --warmup 1)
+    COMPILED=(benchmarks/gpu_step.py --device cuda --networks mlp --points 32768 262144 --storages nested exact compiled
+              --steps 3 --warmup 1)
+    LIMITS=(75 45 130 90 135 60 120)
 fi
 mkdir -p "$OUT"
 SUMMARY="$OUT/gpu_check_${TAG}.tsv"
@@ -86,6 +95,10 @@ run_step gpu_profile "${LIMITS[1]}" "$PY" "${PROFILE[@]}" --out "$OUT/gpu_profil
 run_step gpu_step "${LIMITS[2]}" "$PY" "${STEP[@]}" --out "$OUT/gpu_step_${TAG}.json"
 run_step vs_deepxde "${LIMITS[3]}" "$PY" "${VS[@]}" --out "$OUT/vs_deepxde_${TAG}.json"
 run_step solve_burgers "${LIMITS[4]}" "$PY" "${SOLVE[@]}" --out "$OUT/solve_burgers_${TAG}.json"
+run_step gpu_step_chunked "${LIMITS[5]}" "$PY" "${CHUNKED[@]}" --out "$OUT/gpu_step_chunked_${TAG}.json"
+if [[ ${#COMPILED[@]} -gt 0 ]]; then
+    run_step gpu_step_compiled "${LIMITS[6]}" "$PY" "${COMPILED[@]}" --out "$OUT/gpu_step_compiled_${TAG}.json"
+fi
 
 TOTAL=$(seconds_since "$START")
 "$PY" - "$SUMMARY" "$OUT/gpu_check_${TAG}.json" "$DEVICE" "$DRY" "$TOTAL" <<'EOF'

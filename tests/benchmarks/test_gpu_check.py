@@ -28,11 +28,11 @@ def test_dry_run_writes_every_result(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(results) == {"gpu_check_cpu.json", "gpu_profile_cpu.json", "gpu_step_cpu.json", "vs_deepxde_cpu.json",
-                            "solve_burgers_cpu.json"}
+                            "solve_burgers_cpu.json", "gpu_step_chunked_cpu.json"}
 
     check = results["gpu_check_cpu.json"]
     assert check["dry_run"] and [s["name"] for s in check["steps"]] == [
-        "cuda_tests", "gpu_profile", "gpu_step", "vs_deepxde", "solve_burgers"]
+        "cuda_tests", "gpu_profile", "gpu_step", "vs_deepxde", "solve_burgers", "gpu_step_chunked"]
     assert all(s["status"] == "ok" and s["seconds"] > 0 for s in check["steps"])
 
     step = results["gpu_step_cpu.json"]
@@ -41,6 +41,10 @@ def test_dry_run_writes_every_result(tmp_path):
     assert combos == {(n, s) for n in ("mlp", "residual") for s in ("nested", "exact", "checkpoint", "lowrank")}
     for r in step["records"]:
         assert r["status"] == "ok" and r["step_ms"] > 0 and r["saved_peak_bytes"] > 0 and r["peak_bytes"] >= 0
+
+    chunked = results["gpu_step_chunked_cpu.json"]
+    assert {r["storage"] for r in chunked["records"]} == {"exact", "lowrank"}
+    assert all(r["status"] == "ok" and r["chunk_bytes"] == 4096 for r in chunked["records"])
 
     vs = results["vs_deepxde_cpu.json"]
     assert vs["cpu_model"] and vs["rounds"] == 2 and vs["timing"].startswith("interleaved")
