@@ -132,7 +132,7 @@ def build(config: dict, device: torch.device):
             u, ux, ut, uxx = (jet.d(mi) for mi in ((), (0,), (1,), (0, 0)))
             return ((ut + u * ux - NU * uxx) ** 2).mean()
 
-        return model, torch.compile(loss, dynamic=True)
+        return model, torch.compile(loss, dynamic=True, backend=config.get("compile_backend", "inductor"))
     return model, lambda x: jet_loss(model, x, spec)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench_helpers import load_benchmark
 
@@ -145,3 +146,20 @@ def test_profile_counts_operators_per_system(tmp_path):
         # The CPU has no kernel launches or device syncs; the operator count and the top list are real.
         assert r["aten_ops"] > 50 and r["launches"] == 0 and r["wall_ms"] > 0
         assert r["top"] and all(row["name"].startswith("aten::") for row in r["top"])
+
+
+def test_step_compiled_loss_matches_the_eager_exact_one():
+    """gpu_step's `compiled` system: the exact network's loss through torch.compile, equal to eager `exact`
+    (traced with aot_eager here: no C++ compiler needed)."""
+    bench = load("gpu_step")
+    base = {"network": "mlp", "width": 8, "depth": 2, "residual_depth": 2, "compile_backend": "aot_eager"}
+    x = bench.collocation(64, torch.device("cpu"))
+    grads = []
+    for storage in ("exact", "compiled"):
+        model, loss_fn = bench.build({**base, "storage": storage}, torch.device("cpu"))
+        loss = loss_fn(x)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g1, g2))
