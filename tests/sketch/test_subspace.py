@@ -54,3 +54,25 @@ def test_batched_streams_are_independent_and_state_round_trips():
     assert torch.allclose(t.evals[1], single.evals[0])
     clone = TrackedSubspace.from_state(t.state())
     assert torch.equal(clone.q, t.q) and clone.q.data_ptr() != t.q.data_ptr()
+
+
+def test_track_many_batches_and_matches_one_by_one():
+    """Requests of several trackers (fresh and warm-started, two widths) in one call give what each gives alone."""
+    from pinnsketch.sketch import SubspaceRequest, track_many
+
+    gen = torch.Generator().manual_seed(5)
+    grams = [(lambda z: z.mT @ z)(torch.randn(3, 40, w, generator=gen, dtype=torch.float64)) for w in (24, 24, 32)]
+    old = [TrackedSubspace.from_gram(g, 4) for g in grams]
+    nxt = [g + 0.1 * (lambda z: z.mT @ z)(torch.randn(3, 40, g.shape[-1], generator=gen, dtype=torch.float64))
+           for g in grams]
+    requests = [SubspaceRequest(old[0], nxt[0], 4), SubspaceRequest(old[1], nxt[1], 4),
+                SubspaceRequest(None, nxt[2], 4), SubspaceRequest(old[2], nxt[2], 12)]   # k changes: fresh
+    assert [r.fresh for r in requests] == [False, False, True, True]
+    batched = track_many(requests)
+    assert [r.result for r in requests] == batched and old[0].q.shape == (3, 24, 4)     # inputs untouched
+    for r, got in zip(requests, batched):
+        alone = track_many([SubspaceRequest(r.subspace, r.gram, r.k)])[0]
+        assert got.q.shape == alone.q.shape == (3, r.gram.shape[-1], r.k)
+        # the same subspace (columns may differ in sign), the same Ritz values and energy
+        assert torch.allclose(got.q @ got.q.mT, alone.q @ alone.q.mT, atol=1e-10)
+        assert torch.allclose(got.evals, alone.evals, rtol=1e-10) and torch.allclose(got.energy, alone.energy)
