@@ -28,8 +28,8 @@ Martinsson & Tropp 2011, Alg. 4.3, warm-started; a full eigendecomposition
 the first time). `prepare` only forms the Gram matrix and returns a request;
 the chain runs the requests of all its blocks as one batched eigensolver call
 (`pinnsketch.sketch.track_many`), so a network pays the solver's launches and
-host wait once per step, not once per block. The basis is fixed within a step, so L-BFGS re-evaluations see
-the same compression; the quantized residual absorbs what a basis from a
+host wait once per step, not once per block. The basis is fixed within a step,
+so L-BFGS re-evaluations see the same compression; the quantized residual absorbs what a basis from a
 sample misses (a few shock rows), and the measured error (below) says how
 much that is. No N-sized random test matrix is drawn.
 
@@ -205,7 +205,7 @@ class LowRankStorage(AbstractStorage):
         self._ordinals: dict[tuple, int] = {}       # calls of each shape in the current loss evaluation
         self._backward_seen = False                 # a backward ran since the last forward call
         self._key: tuple | None = None              # the key of the call between wants_sample and begin
-        self._pending_tails: list = []                      # (class, residual factors) of this step's bases
+        self._pending_tails: list = []      # (class, Ritz values, energies, rank) of this step's bases
         self._requests: dict[tuple, SubspaceRequest] = {}   # call key -> basis update of this step, not yet taken
         self._pending_calls: list[_Measure] = []            # device-side measurements of this step
         self._pending_audits: list[tuple] = []
@@ -500,8 +500,10 @@ class LowRankStorage(AbstractStorage):
         for cls, evals, energy, r in tails:
             s, k = evals.shape
             flat = values[pos:pos + s * k]
-            control.observe_tails(cls, tail_factors_from([flat[i * k:(i + 1) * k] for i in range(s)],
-                                                         values[pos + s * k:pos + s * k + s], r))
+            factors = tail_factors_from([flat[i * k:(i + 1) * k] for i in range(s)],
+                                        values[pos + s * k:pos + s * k + s], r)
+            if factors:            # a basis too small to tell says nothing about its class
+                control.observe_tails(cls, factors)
             pos += s * k + s
         pos = 0
         for c in calls:
