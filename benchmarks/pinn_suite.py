@@ -16,6 +16,7 @@ the error and memory ratios to exact. Results go to benchmarks/results/pinn_suit
     OMP_NUM_THREADS=1 python benchmarks/pinn_suite.py                      # full defaults (hours on CPU)
     python benchmarks/pinn_suite.py --problems burgers,heat --device cuda
     python benchmarks/pinn_suite.py --problems heat,poisson_corner --quick --out /tmp/suite.json   # smoke run
+    python benchmarks/pinn_suite.py --problems burgers --seed 1 --runs /tmp/runs   # + run files (history, events)
 """
 
 from __future__ import annotations
@@ -59,16 +60,22 @@ def run_one(name: str, storage: str, opts) -> dict:
     except Exception as exc:  # a failing problem is a result too; the table names the error
         record.update(error=f"{type(exc).__name__}: {exc}", wall_s=time.perf_counter() - start)
         return record
+    wall_s = time.perf_counter() - start
+    if opts.runs is not None:  # the run file: loss history, L-BFGS stop and storage events, for diagnosis
+        from pinnsketch import save
+
+        record["run_file"] = str(save(result, Path(opts.runs) / f"{name}_{storage}_s{opts.seed}.h5"))
     tol, l2 = record["tolerance"], result.l2_relative_error
     record.update(
         l2_relative_error=l2,
         l2_per_field=result.l2_per_field,
         passed=None if tol is None or l2 is None else bool(l2 <= tol),
-        wall_s=time.perf_counter() - start,
+        wall_s=wall_s,
         adam_steps=result.timing["adam_steps"],
         lbfgs_steps=result.timing["lbfgs_steps"],
         adam_ms_per_step=result.timing["adam_ms_per_step"],
         lbfgs_ms_per_step=result.timing["lbfgs_ms_per_step"],
+        lbfgs_stop=result.history.get("lbfgs_stop"),
         saved_bytes_peak=result.saved_bytes_peak,
         step_peak_bytes=result.step_peak_bytes,
         parameters=result.parameters,
@@ -158,6 +165,8 @@ def main(argv=None) -> int:
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--device", default="auto")
     cli.add_argument("--out", default=str(HERE / "results" / "pinn_suite.json"))
+    cli.add_argument("--runs", default=None, metavar="DIR",
+                     help="also write each solve's HDF5 run file to DIR/<problem>_<storage>_s<seed>.h5")
     opts = cli.parse_args(argv)
     for flag, value in (("--steps", opts.steps), ("--lbfgs-steps", opts.lbfgs_steps)):
         if value is not None and value < 0:

@@ -664,7 +664,12 @@ def _lbfgs_reason(opt: torch.optim.LBFGS, lbfgs: LBFGS, evals: int) -> tuple[str
     if float(grad.abs().max()) <= lbfgs.tolerance_grad:
         return "gradient tolerance", f"max |gradient| <= tolerance_grad={lbfgs.tolerance_grad:g}"
     if d is not None and t is not None and float(d.mul(t).abs().max()) <= lbfgs.tolerance_change:
-        return "step tolerance", f"max |step| <= tolerance_change={lbfgs.tolerance_change:g}"
+        detail = f"max |step| <= tolerance_change={lbfgs.tolerance_change:g}"
+        if float(t) == 0.0:  # strong Wolfe returns t = 0 when no trial point met the sufficient-decrease test
+            detail += ("; the line search found no step that lowers the loss (t = 0): the loss' rounding noise "
+                       "exceeds what a step gains (dtype='float64' lowers that floor), or the gradient does not "
+                       "match the loss")
+        return "step tolerance", detail
     return "loss change tolerance", f"|loss change| < tolerance_change={lbfgs.tolerance_change:g}"
 
 

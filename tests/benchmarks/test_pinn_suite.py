@@ -8,6 +8,8 @@ import pytest
 
 from bench_helpers import load_benchmark
 
+from pinnsketch import load
+
 
 @pytest.fixture(scope="module")
 def suite():
@@ -16,8 +18,8 @@ def suite():
 
 def test_records_options_results_and_ratios(suite, tmp_path, capsys):
     out = tmp_path / "suite.json"
-    argv = ["--problems", "heat,", "--steps", "2", "--lbfgs-steps", "1", "--device", "cpu",
-            "--out", str(out)]
+    argv = ["--problems", "heat,", "--steps", "2", "--lbfgs-steps", "1", "--device", "cpu", "--seed", "3",
+            "--runs", str(tmp_path / "runs"), "--out", str(out)]
     assert suite.main(argv) == 0
     payload = json.loads(out.read_text())
     assert payload["command"] == "python benchmarks/pinn_suite.py " + " ".join(argv)
@@ -31,6 +33,10 @@ def test_records_options_results_and_ratios(suite, tmp_path, capsys):
         assert r["options"]["points"]["domain"] > 0 and r["config"]["storage"] == r["storage"]
         assert r["l2_relative_error"] > 0 and r["passed"] == (r["l2_relative_error"] <= r["tolerance"])
         assert r["saved_bytes_peak"] > 0 and r["step_peak_bytes"] > 0
+        assert r["options"]["seed"] == 3 and r["lbfgs_stop"]["reason"] == "step budget"
+        run = load(r["run_file"])
+        assert run.storage == r["storage"] and run.seed == 3 and run.steps == 3
+        assert run.l2_relative_error == pytest.approx(r["l2_relative_error"])
     e, lr = payload["records"]
     assert lr["l2_ratio_to_exact"] == pytest.approx(lr["l2_relative_error"] / e["l2_relative_error"])
     assert lr["saved_ratio_to_exact"] == pytest.approx(lr["saved_bytes_peak"] / e["saved_bytes_peak"])

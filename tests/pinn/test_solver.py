@@ -254,3 +254,39 @@ def test_solver_advances_once_per_adam_and_lbfgs_step():
                       eval_points=64, progress=False)
     lbfgs_steps = result.history["phase"].count("lbfgs")
     assert net.advances == 5 + lbfgs_steps and lbfgs_steps >= 1
+
+
+class _MismatchedGradient(torch.autograd.Function):
+    """sum(x^2) whose backward reports minus its gradient: no step along L-BFGS' direction lowers it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x**2).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return -2 * x * grad
+
+
+def test_lbfgs_stop_names_a_line_search_that_found_no_decrease():
+    from pinnsketch.pinn.solver import _lbfgs_reason
+
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    options = pp.LBFGS(steps=20)
+    opt = options.build([x])
+    pp.LBFGS.limit(opt, 20, options.max_line_search)
+
+    def closure():
+        opt.zero_grad()
+        loss = _MismatchedGradient.apply(x)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    state = opt.state[x]
+    assert state["n_iter"] == 1 and float(state["t"]) == 0.0 and x.tolist() == [1.0, 2.0]
+    reason, detail = _lbfgs_reason(opt, options, state["func_evals"])
+    assert reason == "step tolerance" and "tolerance_change=1e-15" in detail
+    assert "no step that lowers the loss (t = 0)" in detail and "dtype='float64'" in detail
