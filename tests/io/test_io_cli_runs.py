@@ -252,11 +252,16 @@ def test_option_flags_through_the_installed_command(tmp_path):
     flag value is one line on stderr and exit status 2."""
     out = tmp_path / "marched.h5"
     ok = subprocess.run(_cli("solve", "heat", *TINY, "--storage", "exact", "--steps", "4", "--lbfgs-steps", "2",
-                             "--windows", "2", "--fourier", "features=8,scale=1", "--out", str(out)),
+                             "--windows", "2", "--fourier", "features=8,scale=1", "--chunk-bytes", "4KiB",
+                             "--out", str(out)),
                         env=_env(), capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     config = json.loads(load(out).attrs["config"])
     assert config["windows"]["windows"] == 2 and config["network"]["fourier"]["features"] == 8
+    assert config["network"]["chunk_bytes"] == 4096
     bad = subprocess.run(_cli("solve", "heat", *TINY, "--causal", "chunks=1"), env=_env(), capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "chunks=1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run(_cli("solve", "heat", *TINY, "--chunk-bytes", "lots"), env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--chunk-bytes 'lots'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
