@@ -8,8 +8,10 @@ Set-up: as benchmarks/vs_deepxde.py (2540 interior / 80 boundary / 160 initial
 Hammersley points, a 2-20x3-1 tanh network, Adam lr 1e-3, one thread). Each variant
 (pinnsketch eager exact, compiled exact, eager lowrank; DeepXDE) takes `--chunk`
 Adam iterations in turn, `--rounds` times, so machine load falls on all alike; the
-pinnsketch variants run the solver's step (zero_grad, loss terms, finiteness read,
-backward, fused Adam step) on `_Run` objects built by the solver. Reported: median
+pinnsketch variants run the solver's unmetered Adam step on `_Run` objects built by
+the solver: eager, zero_grad, loss terms, finiteness read, backward and torch's fused
+Adam; compiled (CPU), one compiled call for loss, gradient and update
+(`pinnsketch.pinn.compiled.CompiledAdam`), then the finiteness read. Reported: median
 over rounds of the main thread's CPU ms per iteration (and wall ms). The floor is
 the step's matrix products alone (forward a W^T per block on all streams, backward
 g W and g^T a), timed in the same rounds. The error: `solve` for `--l2-steps` Adam
@@ -63,17 +65,22 @@ class PinnStepper:
         self.run = _Run(burgers(), o, storage, (), False, compile_)
         self.opt = o["adam"].build(self.run.params)
         t0 = time.perf_counter()
-        prepare = getattr(self.run.loss_source, "prepare", None)
-        if callable(prepare):
-            prepare()
-        self.compile_s = time.perf_counter() - t0 if callable(prepare) else None
+        sources = [s for s in (self.run.loss_source, self.run.adam_step) if callable(getattr(s, "prepare", None))]
+        for source in sources:
+            source.prepare()
+        self.compile_s = time.perf_counter() - t0 if sources else None
+        fused = self.run.adam_step
+        self.fused = fused if fused is not None and fused.active and fused.usable(self.opt) else None
 
     def steps(self, n: int) -> None:
-        from pinnsketch.training import train_step
+        from pinnsketch.training import fused_step, train_step
 
-        run, opt = self.run, self.opt
-        for _ in range(n):        # the solver's step (advance, loss, finiteness check, backward, update), unmetered
-            train_step(run.network, opt, run._loss, names=run._names)
+        run, opt, fused = self.run, self.opt, self.fused
+        for _ in range(n):        # the solver's unmetered Adam step (one compiled call where solve uses one)
+            if fused is not None:
+                fused_step(run.network, lambda: fused.step(opt), names=run._names)
+            else:
+                train_step(run.network, opt, run._loss, names=run._names)
 
 
 class FloorStepper:

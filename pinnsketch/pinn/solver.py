@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..training import Callback, ProgressBar, StepRecord, TrainingState, crossed, train_step
+from ..training import Callback, ProgressBar, StepRecord, TrainingState, crossed, fused_step, train_step
 from .causal import Causal, CausalWeights
 from .conditions import Condition
 from .derivatives import get_provider
@@ -283,6 +283,7 @@ class _Run:
         if self.dist is not None:
             self.objective.shard = self.dist.shard_sets  # each rank evaluates its own rows of every set
         self.loss_source = self._loss_source(compile)
+        self.adam_step = self._compiled_adam()
         self._names = ["loss", *self.objective.term_names]  # labels of a step's values in error messages
 
     def _run_terms(self) -> list[str]:
@@ -381,6 +382,27 @@ class _Run:
             return self.objective
         return CompiledLoss(self.objective, self.params, self.device)
 
+    def _compiled_adam(self):
+        """The one-call compiled Adam iteration (`compiled.CompiledAdam`) where it applies: a compiled
+        loss on the CPU, one process, the network's parameters only (no trainable PDE parameters)."""
+        from .compiled import CompiledAdam, CompiledLoss
+
+        source = self.loss_source
+        if not isinstance(source, CompiledLoss) or self.device.type != "cpu" or self.dist is not None:
+            return None
+        if len(self.params) != len(list(self.network.parameters())):
+            return None
+        return CompiledAdam(source, self.o["adam"].betas)
+
+    def _fused(self, opt: torch.optim.Optimizer, phase: str) -> bool:
+        """Whether this step runs as one compiled Adam iteration: not on the steps that meter memory or
+        balance the loss weights (they need the loss's autograd graph), nor for other optimizers."""
+        fused = self.adam_step
+        if fused is None or phase != "adam" or self._balance_now or self._metered() or not fused.usable(opt):
+            return False
+        fused.prepare()
+        return fused.active
+
     # --- one step ------------------------------------------------------------------------
     def _loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted loss and its terms (k,); in a multi-process run this rank's share of each
@@ -396,14 +418,18 @@ class _Run:
 
     def _step(self, opt: torch.optim.Optimizer, phase: str, lr: float) -> StepRecord:
         """One optimizer step through `train_step`, metered on the steps `_metered` picks."""
+        where = f"step {self.state.step} ({phase})"
+        hint = (f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
+                "conditions for divisions by zero, logs of negatives or overflow.")
+        if self._fused(opt, phase):
+            return fused_step(self.network, functools.partial(self.adam_step.step, opt), names=self._names,
+                              where=where, hint=hint)
         reduce = None
         if self.dist is not None:      # gradients and terms summed over the ranks; checked on the global values
             reduce = functools.partial(self.dist.reduce_step, params=self.params)
         return train_step(
             self.network, opt, self._loss, meter=self._metered(), names=self._names, reduce=reduce,
-            where=f"step {self.state.step} ({phase})",
-            hint=f"Lower the learning rate (lr now {lr:.3g}), use dtype='float64', or check the residual and "
-                 "conditions for divisions by zero, logs of negatives or overflow.",
+            where=where, hint=hint,
         )
 
     def _balance(self, terms: torch.Tensor) -> None:
@@ -561,9 +587,10 @@ class _Run:
         try:
             for cb in self._all_callbacks:
                 cb.on_start(st)
-            prepare = getattr(self.loss_source, "prepare", None)
-            if callable(prepare):
-                prepare()  # compile now, so that no step time includes it
+            for source in (self.loss_source, self.adam_step):
+                prepare = getattr(source, "prepare", None)
+                if callable(prepare):
+                    prepare()  # compile now, so that no step time includes it
             self._train()
             self._evaluate()
             result = self._result()
@@ -618,9 +645,10 @@ class _Run:
             st.saved_bytes_peak = max((v for v in saved if v is not None), default=None)
             st.step_peak_bytes = max((v for v in peak if v is not None), default=None)
         timing: dict[str, float] = {"total_s": st.wall_time_s}
-        compile_s = getattr(self.loss_source, "compile_s", None)
-        if compile_s is not None:
-            timing["compile_s"] = compile_s  # the first step's compilation, not in its step time
+        compiled = [getattr(s, "compile_s", None) for s in (self.loss_source, self.adam_step)]
+        if any(c is not None for c in compiled):
+            # the compilations before the first step, not in any step's time
+            timing["compile_s"] = sum(c for c in compiled if c is not None)
         iterations = [b - a for a, b in zip([0, *h["step"][:-1]], h["step"])]
         for phase in ("adam", "lbfgs"):
             rows = [(t, n) for t, n, p in zip(h["step_time_s"], iterations, h["phase"]) if p == phase]

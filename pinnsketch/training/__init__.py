@@ -9,7 +9,7 @@ build on it, and the run-file writer (`pinnsketch.io`) is a `Callback`.
 """
 
 from .callbacks import STATE_FORMAT, Callback, EarlyStopping, ProgressBar, TrainingState
-from .step import StepRecord, TrainingDivergedError, advance, crossed, train_step
+from .step import StepRecord, TrainingDivergedError, advance, crossed, fused_step, train_step
 
 __all__ = ["Callback", "TrainingState", "EarlyStopping", "ProgressBar", "STATE_FORMAT", "TrainingDivergedError",
-           "StepRecord", "train_step", "advance", "crossed"]
+           "StepRecord", "train_step", "fused_step", "advance", "crossed"]

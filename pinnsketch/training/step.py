@@ -10,6 +10,9 @@ it is finite and calls `backward()`, then the optimizer's update. An L-BFGS
 step (`optimizer.step(closure)`) evaluates the closure several times under one
 `advance()`, so its line search and curvature pairs see the same sketches.
 
+`fused_step` is the same step for a function that evaluates the loss and
+updates in one call (a compiled iteration, `pinnsketch.pinn.compiled`).
+
 The memory meter, when asked for, spans the loss evaluation (forward and
 backward) of a one-evaluation optimizer, and the whole step of L-BFGS, whose
 evaluations interleave with its updates. The step's time always includes the
@@ -28,7 +31,7 @@ import torch
 
 from ..nn import MemoryMeter
 
-__all__ = ["TrainingDivergedError", "StepRecord", "train_step", "advance", "crossed"]
+__all__ = ["TrainingDivergedError", "StepRecord", "train_step", "fused_step", "advance", "crossed"]
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -154,3 +157,35 @@ def train_step(
     seconds = time.perf_counter() - t0
     loss, values = first[0]
     return StepRecord(loss=loss, values=values, seconds=seconds, meter=measure if meter else None)
+
+
+def fused_step(
+    model: torch.nn.Module,
+    step_fn: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    check: bool = True,
+    names: Sequence[str] = ("loss",),
+    where: str = "this step",
+    hint: str = "",
+) -> StepRecord:
+    """Run one optimizer step whose loss, gradient and update are one call.
+
+    Args:
+        model: the trained module; its `advance()` (if any) is called once, first.
+        step_fn: () -> (loss (), terms (k,) or None): evaluates the loss and updates the
+            parameters, but leaves them (and the optimizer state) unchanged when the loss or
+            a term is not finite.
+        check, names, where, hint: as in `train_step`; the check reads the values after the
+            call, which skipped the update on a non-finite loss.
+
+    Returns:
+        StepRecord of the evaluation (not metered).
+    """
+    advance(model)
+    t0 = time.perf_counter()
+    loss, terms = step_fn()
+    values = _values(loss, terms) if check else None
+    seconds = time.perf_counter() - t0
+    if check:
+        _check_finite(values, names, where, hint)
+    return StepRecord(loss=loss.detach(), values=values, seconds=seconds, meter=None)

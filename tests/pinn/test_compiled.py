@@ -49,9 +49,9 @@ def test_plain_jet_rejects_other_networks():
         plain_jet(torch.nn.Linear(2, 1), torch.zeros(3, 2), JetSpec(2))
 
 
-def _run(compile_):
+def _run(compile_, dtype="float32"):
     o = _resolve(Burgers(), dict(storage="exact", network=ps.Network(width=8, depth=2),
-                                 points=ps.Points(domain=64, boundary=16, initial=16), seed=0, dtype="float32",
+                                 points=ps.Points(domain=64, boundary=16, initial=16), seed=0, dtype=dtype,
                                  device="cpu", adam=ps.Adam(steps=1), lbfgs=ps.LBFGS(steps=0)))
     return _Run(Burgers(), o, "exact", (), False, compile_)
 
@@ -64,9 +64,9 @@ def _loss_and_grads(run, source):
     return terms.detach().clone(), [p.grad.clone() for p in run.params]
 
 
-def _compiled_run(backend):
+def _compiled_run(backend, dtype="float32"):
     torch._dynamo.reset()
-    run = _run(True)
+    run = _run(True, dtype)
     assert isinstance(run.loss_source, CompiledLoss)
     run.loss_source = CompiledLoss(run.objective, run.params, run.device, backend=backend)
     run.loss_source.prepare()
@@ -150,3 +150,115 @@ def test_cli_compile_flag_reaches_solve():
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("runs eagerly") == 1
     assert "relative L2 error" in proc.stdout
+
+
+def _copy_params(src, dst):
+    with torch.no_grad():
+        for a, b in zip(src.params, dst.params):
+            b.copy_(a)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_adam_iteration_matches_eager_adam(backend):
+    """One compiled call (loss, gradient, torch's Adam update) against the eager loss and torch's fused
+    Adam, in float64: the same terms and parameters to 1e-9 over several steps with a changing lr, also
+    after the point count changes, and the optimizer's state is torch's (its step count)."""
+    from pinnsketch.pinn.compiled import CompiledAdam
+    from pinnsketch.training import fused_step, train_step
+
+    torch._dynamo.reset()
+    run = _compiled_run(backend, "float64")
+    fused = CompiledAdam(run.loss_source, (0.9, 0.999), backend=backend)
+    ref = _run(False, "float64")
+    _copy_params(run, ref)
+    opt_c = ps.Adam().build(run.params)
+    opt_e = ps.Adam().build(ref.params)
+    assert fused.usable(opt_c)
+    fused.prepare()
+    assert fused.active, "compilation failed on this machine"
+
+    def both(lr):
+        for opt in (opt_c, opt_e):
+            opt.param_groups[0]["lr"] = lr
+        got = fused_step(run.network, lambda: fused.step(opt_c))
+        want = train_step(ref.network, opt_e, lambda: (ref.objective.total(t := ref.objective.terms()), t))
+        torch.testing.assert_close(torch.tensor(got.values), torch.tensor(want.values), rtol=1e-9, atol=0)
+        for a, b in zip(run.params, ref.params):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+    for lr in (1e-2, 5e-3, 2e-3):
+        both(lr)
+    for r in (run, ref):  # refinement: a new interior point count
+        r.points.add_anchors(r.points.domain[:10] * 0.5)
+    both(1e-3)
+    assert int(opt_c.state[run.params[0]]["step"]) == 4
+    assert fused.compile_s > 0
+
+
+def test_compiled_adam_skips_a_non_finite_update_and_raises():
+    from pinnsketch.pinn.compiled import CompiledAdam
+    from pinnsketch.training import TrainingDivergedError, fused_step
+
+    torch._dynamo.reset()
+    run = _compiled_run("aot_eager")
+    fused = CompiledAdam(run.loss_source, (0.9, 0.999), backend="aot_eager")
+    opt = ps.Adam().build(run.params)
+    fused_step(run.network, lambda: fused.step(opt))  # one good step: state exists
+    before = [p.detach().clone() for p in run.params]
+    state = [opt.state[p]["exp_avg"].clone() for p in run.params]
+    run.objective.weights = run.objective.weights * float("nan")
+    with pytest.raises(TrainingDivergedError, match="became nan"):
+        fused_step(run.network, lambda: fused.step(opt), names=["loss", *run.objective.term_names])
+    for p, b, m in zip(run.params, before, state):
+        assert torch.equal(p, b)
+        assert torch.equal(opt.state[p]["exp_avg"], m)
+    assert int(opt.state[run.params[0]]["step"]) == 1
+
+
+def test_compiled_adam_applies_only_to_plain_adam_over_the_network():
+    from pinnsketch.pinn.compiled import CompiledAdam
+
+    run = _run(True)
+    fused = CompiledAdam(run.loss_source, (0.9, 0.999), backend="aot_eager")
+    assert fused.usable(torch.optim.Adam(run.params))
+    assert not fused.usable(torch.optim.Adam(run.params, amsgrad=True))
+    assert not fused.usable(torch.optim.AdamW(run.params))
+    assert not fused.usable(torch.optim.Adam(run.params[:-1]))
+    assert not fused.usable(torch.optim.Adam([{"params": run.params[:2]}, {"params": run.params[2:]}]))
+
+
+def test_solve_compiled_uses_the_one_call_adam_step_on_cpu():
+    """solve(compile=True) on the CPU runs its unmetered Adam steps as one compiled call and reports
+    both compilations in compile_s (aot_eager: the wiring, not inductor's code)."""
+    import pinnsketch.pinn.compiled as compiled
+
+    calls = []
+
+    class Counting(compiled.CompiledAdam):
+        def __init__(self, loss, betas, backend="inductor"):
+            super().__init__(loss, betas, backend="aot_eager")
+
+        def step(self, optimizer):
+            calls.append(1)
+            return super().step(optimizer)
+
+    class AotLoss(compiled.CompiledLoss):
+        def __init__(self, objective, params, device, backend="inductor"):
+            super().__init__(objective, params, device, backend="aot_eager")
+
+    torch._dynamo.reset()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(compiled, "CompiledAdam", Counting)
+    mp.setattr(compiled, "CompiledLoss", AotLoss)
+    try:
+        r = ps.solve(Burgers(), storage="exact", network=ps.Network(width=8, depth=2), compile=True,
+                     points=ps.Points(domain=64, boundary=16, initial=16), adam=ps.Adam(steps=6),
+                     lbfgs=ps.LBFGS(steps=2), progress=False, device="cpu", eval_every=3)
+    finally:
+        mp.undo()
+    assert r.timing["adam_steps"] == 6
+    assert len(calls) == 3  # steps 1, 3, 4: step 0 and the steps that end at an evaluation (2, 5) are metered
+    assert r.timing["compile_s"] > 0
+    losses = r.history["loss"]
+    assert len(losses) > 6 and all(math.isfinite(v) for v in losses)  # 6 Adam steps, then L-BFGS
+    assert losses[5] < losses[0]  # the fused steps train
