@@ -25,6 +25,22 @@ def supports_plain_jet(model: torch.nn.Module) -> bool:
     return type(model) in (MLP, ResidualMLP)
 
 
+# A product with this few inputs or outputs is memory-bound: written as broadcast arithmetic, the
+# compiler fuses it into the neighbouring elementwise kernels instead of a separate BLAS call that
+# writes and rereads (S, N, width) (the coordinate input layer, a scalar output).
+_NARROW = 4
+
+
+def _linear(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a (S, N, in) @ weight.T (in, out) -> (S, N, out)."""
+    n_out, n_in = weight.shape
+    if n_in <= _NARROW:
+        return sum(a[..., i:i + 1] * weight[:, i] for i in range(n_in))
+    if n_out <= _NARROW:
+        return torch.stack([(a * weight[j]).sum(-1) for j in range(n_out)], dim=-1)
+    return a @ weight.mT
+
+
 def _block(z: torch.Tensor, block, spec: JetSpec) -> torch.Tensor:
     """act(z) W^T + b on every stream, bias on stream 0: z (S, N, in) -> (S, N, out)."""
     act = block.activation
@@ -34,7 +50,7 @@ def _block(z: torch.Tensor, block, spec: JetSpec) -> torch.Tensor:
         a = act(z)
     else:
         a = compose_streams(z, act.derivatives(z[0], spec.order), spec)
-    out = a @ block.weight.mT
+    out = _linear(a, block.weight)
     # out-of-place: autograd needs `out` unchanged
     return torch.cat([(out[0] + block.bias).unsqueeze(0), out[1:]])
 
