@@ -9,6 +9,11 @@ with exact solution (lam = Re/2 - sqrt(Re^2/4 + 4 pi^2))
 Velocities are given on the whole boundary, the pressure on the outflow x = 1
 (it is otherwise determined only up to a constant), as in DeepXDE's example.
 The reference is the exact solution.
+
+Defaults: a 64 x 4 tanh network. Measured on CPU, float32, one thread, the
+solver's other defaults (5,000 Adam + 5,000 L-BFGS steps), relative L2 of the
+three fields: 32 x 4: 2.7e-3 under `exact`, 3.3e-3 under `lowrank`; 64 x 4:
+1.4e-3 and 1.5e-3 (benchmarks/README.md, "Problem library").
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class Kovasznay(ps.Problem):
         ps.Dirichlet(_velocity_v, field="v"),
         ps.Dirichlet(_pressure, on=_outflow, field="p"),
     )
-    tolerance = 1e-2
+    tolerance = 3e-3
+    solver_defaults = {"network": ps.Network(width=64, depth=4, activation="tanh")}
 
     def residual(self, x, u, v, p):
         return {

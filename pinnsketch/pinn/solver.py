@@ -753,8 +753,9 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
         callbacks: ps.Callback objects; resume: a TrainingState.state_dict() to continue.
         compile: run the loss through torch.compile (storage="exact" with a pinnsketch
             MLP/ResidualMLP and jets; other set-ups run eagerly with a warning, and so does a
-            failed compilation). The compilation is timed as result.timing["compile_s"],
-            outside the step times.
+            failed compilation). On the CPU an Adam iteration is then one compiled call (loss,
+            gradient and torch's Adam update; `compiled.CompiledAdam`). The compilation is timed as
+            result.timing["compile_s"], outside the step times.
         distributed: None (default): when launched by torchrun as one of several processes,
             train as one rank of a process group (points sharded, loss and gradients
             all-reduced: the objective is the single-process one; see `pinnsketch.distributed`);
