@@ -53,6 +53,9 @@ def run_one(name: str, storage: str, opts) -> dict:
         kwargs["adam"] = dataclasses.replace(base["adam"], steps=opts.steps)
     if opts.lbfgs_steps is not None:
         kwargs["lbfgs"] = dataclasses.replace(base["lbfgs"], steps=opts.lbfgs_steps)
+    shape = {k: v for k, v in (("width", opts.width), ("depth", opts.depth)) if v is not None}
+    if shape:  # a candidate default network, recorded in the record's options like any other
+        kwargs["network"] = dataclasses.replace(base["network"], **shape)
     start = time.perf_counter()
     record = {"problem": name, "storage": storage, "tolerance": getattr(problem, "tolerance", None)}
     try:
@@ -162,6 +165,8 @@ def main(argv=None) -> int:
                           "problem (the tolerances are for the defaults, so expect misses)")
     cli.add_argument("--steps", type=int, default=None, help="override every problem's Adam steps")
     cli.add_argument("--lbfgs-steps", type=int, default=None, help="override every problem's L-BFGS steps")
+    cli.add_argument("--width", type=int, default=None, help="override every problem's network width")
+    cli.add_argument("--depth", type=int, default=None, help="override every problem's network depth")
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--device", default="auto")
     cli.add_argument("--out", default=str(HERE / "results" / "pinn_suite.json"))
@@ -171,6 +176,9 @@ def main(argv=None) -> int:
     for flag, value in (("--steps", opts.steps), ("--lbfgs-steps", opts.lbfgs_steps)):
         if value is not None and value < 0:
             cli.error(f"{flag} {value} must be >= 0 (0 skips the phase)")
+    for flag, value in (("--width", opts.width), ("--depth", opts.depth)):
+        if value is not None and value < 1:
+            cli.error(f"{flag} {value} must be >= 1")
     if opts.quick:
         opts.steps = QUICK_STEPS["adam"] if opts.steps is None else opts.steps
         opts.lbfgs_steps = QUICK_STEPS["lbfgs"] if opts.lbfgs_steps is None else opts.lbfgs_steps
@@ -188,6 +196,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/pinn_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "budget": "quick" if opts.quick else ("each problem's defaults" if opts.steps is None and opts.lbfgs_steps is None
                                               else f"Adam {opts.steps}, L-BFGS {opts.lbfgs_steps} (overrides)"),
+        "network_override": {"width": opts.width, "depth": opts.depth},
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "machine": platform.machine(), "cpu": cpu_model(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

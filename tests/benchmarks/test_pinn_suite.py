@@ -46,11 +46,24 @@ def test_records_options_results_and_ratios(suite, tmp_path, capsys):
     assert "| heat | " in table and "32x4 tanh" in table and "| 2+1 |" in table
 
 
+def test_network_override_is_trained_and_recorded(suite, tmp_path):
+    out = tmp_path / "suite.json"
+    argv = ["--problems", "heat", "--storages", "exact", "--steps", "1", "--lbfgs-steps", "0", "--width", "8",
+            "--depth", "2", "--device", "cpu", "--out", str(out)]
+    assert suite.main(argv) == 0
+    payload = json.loads(out.read_text())
+    (r,) = payload["records"]
+    assert r["options"]["network"] == {"width": 8, "depth": 2, "activation": "tanh"}
+    assert payload["network_override"] == {"width": 8, "depth": 2}
+
+
 def test_quick_and_bad_arguments(suite, tmp_path):
     with pytest.raises(SystemExit):
         suite.main(["--problems", "heat,navier", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         suite.main(["--problems", "heat", "--steps", "-1", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        suite.main(["--problems", "heat", "--width", "0", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
     assert suite._names(["heat,wave", "burgers"]) == ["heat", "wave", "burgers"]
     assert suite.QUICK_STEPS["adam"] > 0 and suite.QUICK_STEPS["lbfgs"] > 0
