@@ -387,8 +387,10 @@ class _Run:
         loss on the CPU, one process, the network's parameters only (no trainable PDE parameters)."""
         from .compiled import CompiledAdam, CompiledLoss
 
-        source = self.loss_source
+        source, adam = self.loss_source, self.o["adam"]
         if not isinstance(source, CompiledLoss) or self.device.type != "cpu" or self.dist is not None:
+            return None
+        if type(adam) is not Adam or adam.steps == 0:  # SOAP or no Adam phase: nothing to compile it for
             return None
         if len(self.params) != len(list(self.network.parameters())):
             return None

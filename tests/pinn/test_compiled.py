@@ -262,3 +262,14 @@ def test_solve_compiled_uses_the_one_call_adam_step_on_cpu():
     losses = r.history["loss"]
     assert len(losses) > 6 and all(math.isfinite(v) for v in losses)  # 6 Adam steps, then L-BFGS
     assert losses[5] < losses[0]  # the fused steps train
+
+
+def test_no_one_call_adam_step_without_a_torch_adam_phase():
+    """SOAP or an empty Adam phase: nothing is compiled for the Adam iteration."""
+    for adam in (ps.SOAP(steps=2), ps.Adam(steps=0)):
+        o = _resolve(Burgers(), dict(storage="exact", network=ps.Network(width=8, depth=2), adam=adam,
+                                     points=ps.Points(domain=32, boundary=8, initial=8), device="cpu"))
+        run = _Run(Burgers(), o, "exact", (), False, True)
+        assert isinstance(run.loss_source, CompiledLoss) and run.adam_step is None
+    run = _run(True)
+    assert run.adam_step is not None
