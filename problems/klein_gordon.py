@@ -5,6 +5,11 @@
     u(x, 0) = x,   u_t(x, 0) = 0,   u(-1, t) = -cos t,   u(1, t) = cos t,
 
 exact solution u = x cos t (the reference; DeepXDE's example writes the nonlinearity gamma u^k, k = 2).
+
+Defaults: a 64 x 4 tanh network. Measured on CPU, float32, one thread, the
+solver's other defaults (5,000 Adam + 5,000 L-BFGS steps), relative L2:
+32 x 4: 9.5e-3 under `exact`, 1.3e-2 under `lowrank`; 64 x 4: 5.2e-3 and
+4.4e-3 (benchmarks/README.md, "Problem library").
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class KleinGordon(ps.Problem):
         ps.Initial(lambda x: x[:, 0], weight=10.0),
         ps.InitialVelocity(0.0, weight=10.0),
     )
-    tolerance = 2e-2
+    tolerance = 1e-2
+    solver_defaults = {"network": ps.Network(width=64, depth=4, activation="tanh")}
 
     def residual(self, x, u):
         a, t = x[:, 0], x[:, 1]

@@ -119,6 +119,10 @@ CONSTRAINTS = {
         ("boundary", lambda x: torch.zeros_like(x[:, :1])),
         ("initial", lambda x: -torch.sin(math.pi * x[:, :1])),
     ],
+    "wave": [
+        ("boundary", lambda x: torch.zeros_like(x[:, :1])),
+        ("initial", lambda x: torch.sin(math.pi * x[:, :1])),
+    ],
 }
 
 
@@ -140,6 +144,19 @@ def test_hard_constraints_hold_for_any_network(name):
             u = problem.output_transform(Jet.input(x, spec), Jet(raw.unsqueeze(0), spec)).value
         assert raw.abs().min() > 0  # the network's raw output is not what makes the constraint hold
         torch.testing.assert_close(u, expected(x), atol=1e-12, rtol=0)
+
+
+def test_wave_initial_velocity_is_built_in():
+    """wave's output_transform also fixes u_t(x, 0) = pi c sin(2 pi x), whatever the network."""
+    problem = problems.get("wave")
+    layout = Layout.of(problem)
+    net = MLP(2, 1, width=8, depth=2, storage="exact").double()
+    spec = JetSpec(2, [(1,)])
+    x = torch.as_tensor(layout.domain.sample_initial(64, "random", _generator()))
+    with torch.no_grad():
+        u = problem.output_transform(Jet.input(x, spec), net.jet(x, spec))
+    u_t = u.streams[spec.index((1,)), :, 0]
+    torch.testing.assert_close(u_t, math.pi * problem.c * torch.sin(2 * math.pi * x[:, 0]), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("name", ALL)
