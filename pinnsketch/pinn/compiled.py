@@ -138,6 +138,8 @@ class _WeightedLoss(torch.nn.Module):
         self._loss = loss
 
     def forward(self, parts, extras, weights):
+        # Objective.total, with the weights an input: balancing replaces the tensor, which as an
+        # attribute read inside the compiled function would recompile it
         terms = self._loss._terms(parts, extras)
         return (weights * terms).sum(), terms
 

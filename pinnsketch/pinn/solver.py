@@ -394,7 +394,7 @@ class _Run:
             return None
         if len(self.params) != len(list(self.network.parameters())):
             return None
-        return CompiledAdam(source, self.o["adam"].betas)
+        return CompiledAdam(source, adam.betas)
 
     def _fused(self, opt: torch.optim.Optimizer, phase: str) -> bool:
         """Whether this step runs as one compiled Adam iteration: not on the steps that meter memory or

@@ -273,3 +273,22 @@ def test_no_one_call_adam_step_without_a_torch_adam_phase():
         assert isinstance(run.loss_source, CompiledLoss) and run.adam_step is None
     run = _run(True)
     assert run.adam_step is not None
+
+
+@pytest.mark.slow  # inductor compiles two graphs: most of a minute on a 2-core machine
+def test_cli_compile_with_exact_storage_runs_compiled(tmp_path):
+    """`pinnsketch solve heat --storage exact --compile` through the real command: no eager notice and
+    no compiler failure, and the run completes and is saved."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDE_BACKEND="pytorch")
+    out = tmp_path / "heat.h5"
+    proc = subprocess.run([sys.executable, "-m", "pinnsketch.cli", "solve", "heat", "--storage", "exact",
+                           "--compile", "--steps", "5", "--lbfgs-steps", "0", "--points", "64", "--width", "8",
+                           "--depth", "2", "--device", "cpu", "--no-progress", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "runs eagerly" not in proc.stderr and "torch.compile failed" not in proc.stderr
+    assert "relative L2 error" in proc.stdout
+    from pinnsketch import load
+
+    run = load(out)
+    assert run.completed and run.steps == 5 and run.storage == "exact"
