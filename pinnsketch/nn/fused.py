@@ -50,6 +50,7 @@ NOTE [storage]
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,7 @@ from torch.autograd.function import once_differentiable
 from .activations import MAX_ORDER, Activation, Identity, ReLU
 from .codecs import pack_mask, unpack_mask
 from .jet import JetSpec, compose_streams, compose_vjp
+from .kernels import activation_jet_kernel, activation_vjp_kernel, fused_kernels_active
 from .chunking import default_chunk_bytes, row_chunks
 from .storage import AbstractStorage
 
@@ -70,6 +72,8 @@ def activation_jet(z: torch.Tensor, activation: Activation, spec: JetSpec) -> to
         return z
     if spec.order == 0:
         return activation(z)
+    if fused_kernels_active(z):          # one compiled kernel on a GPU (pinnsketch.nn.kernels)
+        return activation_jet_kernel(z, activation=activation, spec=spec)
     return compose_streams(z, activation.derivatives(z[0], spec.order), spec)
 
 
@@ -79,6 +83,12 @@ def _derivatives_for_vjp(activation: Activation, z0: torch.Tensor, order: int) -
         return None
     derivs = activation.derivatives(z0, order + 1)
     return derivs if len(derivs) == order + 2 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _has_derivatives(activation_type: type, order: int) -> bool:
+    """Whether activations of this type give f^(order) (probed once on one element)."""
+    return len(activation_type().derivatives(torch.zeros(1), order)) == order + 1
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,8 @@ def _activation_vjp(call: BlockCall, z: torch.Tensor | None, mask: torch.Tensor 
     if grad_a is None:
         return (call.jet(z) if need_a else None), None
     spec = call.spec
+    if spec.order + 1 <= MAX_ORDER and fused_kernels_active(z) and _has_derivatives(type(act), spec.order + 1):
+        return activation_vjp_kernel(z, grad_a, activation=act, spec=spec, need_a=need_a)
     derivs = _derivatives_for_vjp(act, z[0], spec.order)
     if derivs is None:  # an activation without f^(order+1): differentiate the jet map by autograd
         with torch.enable_grad():

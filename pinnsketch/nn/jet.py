@@ -29,7 +29,7 @@ import torch
 
 from .activations import Activation, get_activation
 
-__all__ = ["JetSpec", "Jet", "compose_streams", "compose_vjp"]
+__all__ = ["JetSpec", "Jet", "compose_streams", "compose_terms_functional", "compose_vjp"]
 
 MultiIndex = tuple[int, ...]
 # Faa di Bruno / Leibniz terms: (multiplicity, number of blocks, stream ids of the factors)
@@ -382,16 +382,7 @@ def compose_streams(z: torch.Tensor, derivs: Sequence[torch.Tensor], spec: JetSp
     higher = spec._higher_terms
     tracked = z.requires_grad or any(getattr(d, "requires_grad", False) for d in derivs[: spec.order + 1])
     if tracked and torch.is_grad_enabled():
-        first = z[1:] * d1
-        if not higher:
-            return torch.cat([d0.unsqueeze(0), first])
-        out = [d0, *first.unbind(0)]
-        for s, m, k, blocks in higher:
-            term = derivs[k]
-            for b in blocks:
-                term = term * z[b]
-            out[s] = out[s] + (term if m == 1 else m * term)
-        return torch.stack(out)
+        return compose_terms_functional(z, derivs, spec)
     out = torch.empty(z.shape, dtype=torch.result_type(z, d1), device=z.device)
     zs, outs = z.unbind(0), out.unbind(0)
     outs[0].copy_(d0)
@@ -407,6 +398,24 @@ def compose_streams(z: torch.Tensor, derivs: Sequence[torch.Tensor], spec: JetSp
                 term.mul_(zs[b])
             outs[s].addcmul_(term, zs[blocks[-1]], value=m)
     return out
+
+
+def compose_terms_functional(z: torch.Tensor, derivs: Sequence[torch.Tensor], spec: JetSpec) -> torch.Tensor:
+    """`compose_streams` in out-of-place ops only: what autograd records and what a compiler fuses
+    (`pinnsketch.nn.kernels`) into one kernel."""
+    d0 = derivs[0]
+    if spec.size == 1:
+        return d0.unsqueeze(0)
+    first = z[1:] * derivs[1]
+    if not spec._higher_terms:
+        return torch.cat([d0.unsqueeze(0), first])
+    out = [d0, *first.unbind(0)]
+    for s, m, k, blocks in spec._higher_terms:
+        term = derivs[k]
+        for b in blocks:
+            term = term * z[b]
+        out[s] = out[s] + (term if m == 1 else m * term)
+    return torch.stack(out)
 
 
 def compose_vjp(z: torch.Tensor, derivs: Sequence[torch.Tensor], grad_a: torch.Tensor, spec: JetSpec,

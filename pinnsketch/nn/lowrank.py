@@ -99,6 +99,7 @@ from ..sketch.subspace import tail_factors_from
 from .activations import Identity, ReLU
 from .codecs import IntCodec, pack_mask, unpack_mask
 from .collective import agree, distributed_active
+from .kernels import fused_kernels_active, lowrank_decode_kernel, lowrank_encode_kernel
 from .lowrank_control import LowRankController
 from .storage import (AbstractStorage, Packing, Stored, StorageError, _ExactPacking, check_finite_activation,
                       stored_bytes)
@@ -645,6 +646,8 @@ class _LowRankPacking(Packing):
         coded = any(b is not None for b in bits)
         self.u_dtype = torch.bfloat16 if coded and dtype == torch.float32 else dtype   # the residual absorbs it
         self.groups = [(IntCodec(b, policy.group), streams) for b, streams in _groups(bits) if b is not None]
+        # on a GPU, a call without an audit runs its codec as one compiled kernel (`nn.kernels`)
+        self.kernel_groups = _kernel_groups(bits, policy.group, w)
         self.kept = _ExactPacking(policy, shape, dtype, device) if self.fallback else None     # exact fallback: z_prev itself
         # U, codes, scales and ReLU's mask bits: a call that comes in one chunk keeps the encoder's own
         # tensors; a chunked one copies each chunk into one buffer per tensor (`_rows_into`)
@@ -662,6 +665,9 @@ class _LowRankPacking(Packing):
         u = z @ self.p                                                       # (S, m, r)
         if self.u_dtype != z.dtype:
             u = u.to(self.u_dtype)
+        if not self.audit and self.kernel_groups is not None and fused_kernels_active(z):
+            self._add_fused(rows, z, u)
+            return
         residual = torch.baddbmm(z, u.to(z.dtype), self.p.mT, alpha=-1)     # z - U P^T, one product
         measure = self.measure
         if measure is not None:
@@ -696,6 +702,18 @@ class _LowRankPacking(Packing):
             self.kept.add(rows, z, a)
             return
         n = self.shape[1]
+        self.u = _rows_into(self.u, rows, u, n)
+        if isinstance(self.block.activation, ReLU):
+            self.mask = _rows_into(self.mask, rows, _pack_mask_rows(z[0] > 0), n, dim=0)
+
+    def _add_fused(self, rows, z, u):
+        """`add` without an audit, as one compiled kernel: the same codes, scales and measurements."""
+        parts, norms = lowrank_encode_kernel(z, u, self.p, groups=self.kernel_groups)
+        if self.measure is not None:
+            self.measure.norms += norms
+        n = self.shape[1]
+        for i, part in enumerate(parts):
+            self.codes[i] = _rows_into(self.codes[i], rows, part, n)
         self.u = _rows_into(self.u, rows, u, n)
         if isinstance(self.block.activation, ReLU):
             self.mask = _rows_into(self.mask, rows, _pack_mask_rows(z[0] > 0), n, dim=0)
@@ -762,15 +780,26 @@ def _groups(bits: tuple) -> list[tuple[int | None, slice]]:
     return out
 
 
+def _kernel_groups(bits: tuple, group: int | None, w: int) -> tuple | None:
+    """((bits, first stream, end stream), ...) of the coded streams for `nn.kernels`' codec, or None
+    where it does not apply (no coded stream, scales per column group, an odd width under int4)."""
+    coded = tuple((b, streams.start, streams.stop) for b, streams in _groups(bits) if b is not None)
+    if not coded or group is not None or (w % 2 and any(b == 4 for b, _, _ in coded)):
+        return None
+    return coded
+
+
 def _rows_fn(parts, layout, group: int | None):
     """rows -> z_hat[:, rows] (S, m, w) from parts [U, P, (codes (G, N, c), scales (G, N, ng)) per coded group]."""
     s, n, w, _, bits = layout
     u, p, *codes = parts
     coded = [(IntCodec(b, group), streams) for b, streams in _groups(bits) if b is not None]
-
+    kernel_groups = _kernel_groups(bits, group, w)
     uncoded = [i for i, b in enumerate(bits) if b is None]
 
     def rows(r: slice) -> torch.Tensor:
+        if kernel_groups is not None and fused_kernels_active(p):
+            return lowrank_decode_kernel(u[:, r], p, *(c[:, r] for c in codes), groups=kernel_groups, w=w)
         ur = u[:, r].to(p.dtype)                                              # (S, m, r)
         if not coded:
             return ur @ p.mT
