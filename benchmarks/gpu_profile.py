@@ -87,7 +87,11 @@ def profile_system(storage: str, points: int, device: torch.device, *, width: in
     syncs = {e.key: e.count for e in events if e.key.startswith(_SYNC_CALLS)}
     aten = sum(e.count for e in events if e.key.startswith("aten::"))
     if cuda:
-        kernels = [e for e in events if _device_time_us(e) > 0 and not e.key.startswith(("aten::", "cuda"))]
+        # a compiled (triton) kernel is listed twice, under its launcher's host event and as the kernel:
+        # one row per name
+        seen: set[str] = set()
+        kernels = [e for e in events if _device_time_us(e) > 0 and not e.key.startswith(("aten::", "cuda"))
+                   and not (e.key in seen or seen.add(e.key))]
         device_us = sum(_device_time_us(e) for e in kernels)
         top = sorted(kernels, key=_device_time_us, reverse=True)[:15]
         top_rows = [{"name": e.key[:120], "count": e.count, "device_ms": _device_time_us(e) / 1e3} for e in top]

@@ -33,6 +33,9 @@ so L-BFGS re-evaluations see the same compression; the quantized residual absorb
 sample misses (a few shock rows), and the measured error (below) says how
 much that is. No N-sized random test matrix is drawn.
 
+**On a GPU** the codec of a call without an audit (residual, codes, scales, error norms) and the
+decoding in backward are compiled kernels (`pinnsketch.nn.kernels`) with the same arithmetic and codes.
+
 **Never worse than exact.** A call whose compressed form would not be smaller
 than z_prev (a narrow coordinate input, a handful of rows, full rank with int8
 codes) is stored exactly, and so is a block in exact fallback.
