@@ -17,8 +17,9 @@ code paths: there the per-chunk passes stay in cache, and compiling would need a
 C++ compiler at run time.
 
 `DeviceKernel.__call__` compiles at the first CUDA call (seconds, once per process
-and variant). If compiling fails (no triton, an unsupported build), it warns once
-and the eager functions run from then on: slower, never wrong.
+and variant). If compiling a variant fails (no triton, an unsupported build), the
+kernel warns once and that variant runs the eager function from then on: slower,
+never wrong.
 """
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ class DeviceKernel:
 
     def __init__(self, fn):
         self.fn = fn
-        self._variants: dict = {}
-        self._failed = False
+        self._variants: dict = {}        # key -> (compiled function, static values), or None: it failed
 
-    def _variant(self, tensors, static):
-        key = (tuple((name, _static_key(v)) for name, v in sorted(static.items())),
-               tuple((t.dtype, t.shape[-1]) for t in tensors))
+    @property
+    def failed(self) -> bool:
+        """Whether some variant failed to compile (and runs eagerly)."""
+        return any(v is None for v in self._variants.values())
+
+    def _variant(self, key, static):
+        """(compiled function, static values) of variant `key`, compiled on first use."""
         entry = self._variants.get(key)
         if entry is None:
             # a copy of fn on a fresh code object: its own compilation cache
@@ -69,19 +73,23 @@ class DeviceKernel:
         return entry
 
     def __call__(self, *tensors: torch.Tensor, **static):
-        if self._failed:
-            return self.fn(*tensors, **static)
         try:
-            compiled, canonical = self._variant(tensors, static)
+            key = (tuple((name, _static_key(v)) for name, v in sorted(static.items())),
+                   tuple((t.dtype, t.shape[-1]) for t in tensors))
         except TypeError:                    # a static value that cannot be a constant (unhashable)
             return self.fn(*tensors, **static)
+        if key in self._variants and self._variants[key] is None:
+            return self.fn(*tensors, **static)
         try:
+            compiled, canonical = self._variant(key, static)
             return compiled(*tensors, **canonical)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the same eager arithmetic
-            self._failed = True
-            warnings.warn(f"pinnsketch: compiling the fused kernel {self.fn.__name__} failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running it eagerly from now on "
-                          "(correct, slower on a GPU)", RuntimeWarning, stacklevel=2)
+            first = not self.failed
+            self._variants[key] = None
+            if first:
+                    warnings.warn(f"pinnsketch: compiling the fused kernel {self.fn.__name__} failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); running it eagerly from now on "
+                              "(correct, slower on a GPU)", RuntimeWarning, stacklevel=2)
             return self.fn(*tensors, **static)
 
 

@@ -35,7 +35,6 @@ def kernels_on_cpu(monkeypatch):
         monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": backend}))
         for k in KERNELS:
             monkeypatch.setattr(k, "_variants", {})
-            monkeypatch.setattr(k, "_failed", False)
         torch._dynamo.reset()
 
     yield use
@@ -105,7 +104,7 @@ def test_training_steps_through_kernels_match_eager(storage, kernels_on_cpu):
         warnings.simplefilter("error", RuntimeWarning)           # a compile failure would warn and fall back
         got = _step(policy)
     _assert_steps_close(got, ref, 1e-10)
-    assert not any(k._failed for k in KERNELS)
+    assert not any(k.failed for k in KERNELS)
     used = KERNELS if storage == "lowrank" else KERNELS[:2]
     assert all(k._variants for k in used)          # the steps did run through the compiled kernels
 
@@ -130,8 +129,21 @@ def test_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
         assert torch.equal(kernel(x), x * 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.equal(kernel(-x), -x)
+        assert torch.equal(kernel(-x), -x)        # the failed variant runs eagerly, without a second warning
+    assert kernel.failed
     torch._dynamo.reset()
+
+
+def test_missing_compiler_warns_and_runs_eagerly(monkeypatch):
+    def no_compiler(fn, **kw):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    kernel = kernels.DeviceKernel(kernels._activation_jet)
+    z = torch.randn(4, 5, 8)
+    with pytest.warns(RuntimeWarning, match="not supported on this Python"):
+        a = kernel(z, activation=get_activation("tanh"), spec=BURGERS)
+    torch.testing.assert_close(a, kernels._activation_jet(z, activation=get_activation("tanh"), spec=BURGERS))
 
 
 def test_variants_compile_apart_and_share_equal_statics(monkeypatch):
@@ -153,4 +165,4 @@ def test_kernels_compile_with_inductor(kernels_on_cpu):
     kernels_on_cpu("inductor")
     got = _step(LowRankStorage(audit_every=2), dtype=torch.float32, steps=2)
     _assert_steps_close(got, ref, 1e-4)
-    assert not any(k._failed for k in KERNELS)
+    assert not any(k.failed for k in KERNELS)
