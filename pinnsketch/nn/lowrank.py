@@ -212,6 +212,7 @@ class LowRankStorage(AbstractStorage):
         self._pending_tails: list = []      # (class, Ritz values, energies, rank) of this step's bases
         self._requests: dict[tuple, SubspaceRequest] = {}   # call key -> basis update of this step, not yet taken
         self._pending_calls: list[_Measure] = []            # device-side measurements of this step
+        self._readout: list[float] | None = None            # their host values, when the model read them
         self._pending_audits: list[tuple] = []
 
     # -- configuration state --------------------------------------------------------
@@ -486,18 +487,35 @@ class LowRankStorage(AbstractStorage):
             self._pending_audits.append((torch.linalg.norm(acc), torch.linalg.norm(grad_w), spread,
                                          p["measured"], p["points"], p["streams"]))
 
-    def _resolve_pending(self) -> None:
-        """Read the step's measurements and its bases' residual factors on the host in one transfer,
-        and hand them to the controller."""
+    def pending_readout(self) -> torch.Tensor | None:
+        """This step's measurements and Ritz values on the device, as one float64 vector: per measured
+        call its per-stream norms (3 x S per chunk), per audit three scalars, per basis its Ritz values
+        and energies (None when nothing is pending)."""
+        for key in list(self._requests):
+            self._settle(key)
+        return self._readout_tensor()
+
+    def _readout_tensor(self) -> torch.Tensor | None:
         calls, audits, tails = self._pending_calls, self._pending_audits, self._pending_tails
-        self._pending_tails = []
+        if not calls and not audits and not tails:
+            return None
+        return torch.cat([torch.stack(c.norms).to(torch.float64).flatten() for c in calls]
+                         + [torch.stack(a[:3]).to(torch.float64) for a in audits]
+                         + [torch.cat([e.flatten(), en]).to(torch.float64) for _, e, en, _ in tails])
+
+    def take_readout(self, values: list[float]) -> None:
+        self._readout = values
+
+    def _resolve_pending(self) -> None:
+        """Read the step's measurements and its bases' residual factors on the host in one transfer
+        (or take the values the model read for all its blocks), and hand them to the controller."""
+        calls, audits, tails = self._pending_calls, self._pending_audits, self._pending_tails
+        values, self._readout = self._readout, None
         if not calls and not audits and not tails:
             return
-        # one transfer: per measured call its per-stream norms (3 x S per chunk), per audit three
-        # scalars, per basis its Ritz values and energies
-        values = torch.cat([torch.stack(c.norms).to(torch.float64).flatten() for c in calls]
-                           + [torch.stack(a[:3]).to(torch.float64) for a in audits]
-                           + [torch.cat([e.flatten(), en]).to(torch.float64) for _, e, en, _ in tails]).tolist()
+        if values is None:
+            values = self._readout_tensor().tolist()
+        self._pending_tails = []
         control = self.control
         control.step = self.step
         pos = len(values) - sum(e.numel() + en.numel() for _, e, en, _ in tails)
@@ -611,7 +629,7 @@ class LowRankStorage(AbstractStorage):
         self._fresh = {tuple(k) for k in saved.get("fresh", [])}
         self._ordinals = {ast.literal_eval(k): v for k, v in saved.get("ordinals", {}).items()}
         self._backward_seen, self._key = bool(saved.get("backward_seen", False)), None
-        self._pending_tails, self._requests = [], {}
+        self._pending_tails, self._requests, self._readout = [], {}, None
         self._pending_calls, self._pending_audits = [], []
 
 

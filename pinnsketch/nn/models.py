@@ -22,7 +22,7 @@ from .embeddings import Embedding, periodic_axes
 from .jet import Jet, JetSpec
 from .memory import MemoryMeter
 from .policies import make_storages
-from .storage import AbstractStorage, CheckpointStorage
+from .storage import AbstractStorage, CheckpointStorage, read_pending
 from ..sketch import derive_seed
 
 __all__ = ["MLP", "ResidualMLP", "CNN"]
@@ -166,8 +166,10 @@ class _BlockNetwork(torch.nn.Module):
     # -- public -----------------------------------------------------------------
     def advance(self) -> None:
         """Call once per optimizer step: new per-step sketch seeds, rank-controller updates."""
-        for block in self.blocks:
-            block.storage.advance()
+        storages = [block.storage for block in self.blocks]
+        read_pending(storages)           # the blocks' measurements in one host read
+        for storage in storages:
+            storage.advance()
 
     def storage_report(self) -> list[dict]:
         """One dict per block: layer, storage, rank, error_estimate, saved_bytes, ..."""

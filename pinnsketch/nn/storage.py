@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,7 +32,7 @@ import torch
 from ..sketch import derive_seed
 
 __all__ = ["AbstractStorage", "Stored", "Packing", "ExactStorage", "CheckpointStorage", "StorageError",
-           "encode_streams", "decode_streams", "check_finite_activation", "stored_bytes"]
+           "encode_streams", "decode_streams", "check_finite_activation", "stored_bytes", "read_pending"]
 
 
 class StorageError(ValueError):
@@ -193,6 +193,17 @@ class AbstractStorage(torch.nn.Module, abc.ABC):
         """Move to the next optimizer step (new test matrices, controller updates)."""
         self.step += 1
 
+    def pending_readout(self) -> torch.Tensor | None:
+        """The device values `advance()` will read on the host, as one 1-D float64 tensor (None: none).
+
+        A model reads the readouts of all its blocks in one transfer (`read_pending`) and hands each
+        its part (`take_readout`), so that a step waits for the device once, not once per block.
+        """
+        return None
+
+    def take_readout(self, values: list[float]) -> None:
+        """The host values of `pending_readout()`, read by the model for the coming `advance()`."""
+
     @abc.abstractmethod
     def pack(self, z_prev: torch.Tensor, a: torch.Tensor, block) -> tuple[tuple[torch.Tensor, ...], Any]:
         """Forward: z_prev (S, N, w) and its activation a (S, N, w) -> (tensors to save, metadata)."""
@@ -293,6 +304,21 @@ def decode_streams(codec, parts, shape: tuple[int, int, int], dtype: torch.dtype
         sub = tuple(p[i * n + start:i * n + stop] for p in parts)
         out.append(codec.decode(sub, (stop - start, w), dtype))
     return torch.stack(out)
+
+
+def read_pending(storages: Sequence["AbstractStorage"]) -> None:
+    """One device-to-host transfer for the pending readouts of `storages` (call before their `advance()`).
+
+    Policies on different devices, or a single policy with a readout, read their own.
+    """
+    parts = [(s, t) for s in storages if (t := s.pending_readout()) is not None]
+    if len(parts) < 2 or len({t.device for _, t in parts}) > 1:
+        return
+    values = torch.cat([t for _, t in parts]).tolist()
+    at = 0
+    for storage, t in parts:
+        storage.take_readout(values[at:at + t.numel()])
+        at += t.numel()
 
 
 def check_finite_activation(z: torch.Tensor, layer: int, policy: str) -> None:

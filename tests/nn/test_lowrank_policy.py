@@ -316,3 +316,39 @@ def test_audit_steps_add_only_a_small_bfloat16_sketch():
     extra = [a - p for a, p in zip(audited, plain)]
     assert all(0 < e <= 128 * 8 * 2 + 64 for e in extra), extra     # N q bfloat16 values (+ alignment)
     assert max(audited) < exact / 3
+
+
+def test_model_reads_all_blocks_measurements_at_once(monkeypatch):
+    """`MLP.advance` reads every lowrank block's pending measurements in one transfer; the controllers
+    then decide exactly as when each block reads its own."""
+    import pinnsketch.nn.models as models_module
+    from pinnsketch.nn import MLP, JetSpec
+    from pinnsketch.nn.storage import read_pending
+
+    spec = JetSpec.from_names(["x", "t", "xx"], ["x", "t"])
+    x = torch.rand(400, 2, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        model = MLP(2, 1, width=32, depth=3, storage="lowrank", seed=0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(6):
+            model.advance()
+            opt.zero_grad()
+            jet = model.jet(x, spec)
+            (jet.d(()) * jet.d((0,)) + jet.d((1,)) - 0.01 * jet.d((0, 0))).square().mean().backward()
+            opt.step()
+        return model
+
+    taken = []
+    real_take = LowRankStorage.take_readout
+    monkeypatch.setattr(LowRankStorage, "take_readout", lambda self, v: taken.append(len(v)) or real_take(self, v))
+    batched = run()
+    assert len(taken) >= 2 * 6 - 2                      # every compressed block, nearly every step
+    monkeypatch.setattr(models_module, "read_pending", lambda storages: None)
+    alone = run()
+    for a, b in zip(batched.storages, alone.storages):
+        assert a.control.state_dict() == b.control.state_dict()
+        assert a._readout is None                       # consumed by advance()
+    read_pending(batched.storages)                      # the last step's measurements, read at once ...
+    batched.advance()
+    assert all(s._readout is None and s.pending_readout() is None for s in batched.storages)  # ... and used
