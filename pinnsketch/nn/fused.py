@@ -50,7 +50,6 @@ NOTE [storage]
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -85,10 +84,9 @@ def _derivatives_for_vjp(activation: Activation, z0: torch.Tensor, order: int) -
     return derivs if len(derivs) == order + 2 else None
 
 
-@functools.lru_cache(maxsize=None)
-def _has_derivatives(activation_type: type, order: int) -> bool:
-    """Whether activations of this type give f^(order) (probed once on one element)."""
-    return len(activation_type().derivatives(torch.zeros(1), order)) == order + 1
+def _has_derivatives(activation: Activation, order: int) -> bool:
+    """Whether `activation` gives f^(order) (probed on one host element: no device work)."""
+    return len(activation.derivatives(torch.zeros(1), order)) == order + 1
 
 
 @dataclass(frozen=True)
@@ -214,7 +212,7 @@ def _activation_vjp(call: BlockCall, z: torch.Tensor | None, mask: torch.Tensor 
     if grad_a is None:
         return (call.jet(z) if need_a else None), None
     spec = call.spec
-    if spec.order + 1 <= MAX_ORDER and fused_kernels_active(z) and _has_derivatives(type(act), spec.order + 1):
+    if spec.order + 1 <= MAX_ORDER and fused_kernels_active(z) and _has_derivatives(act, spec.order + 1):
         return activation_vjp_kernel(z, grad_a, activation=act, spec=spec, need_a=need_a)
     derivs = _derivatives_for_vjp(act, z[0], spec.order)
     if derivs is None:  # an activation without f^(order+1): differentiate the jet map by autograd

@@ -166,3 +166,29 @@ def test_kernels_compile_with_inductor(kernels_on_cpu):
     got = _step(LowRankStorage(audit_every=2), dtype=torch.float32, steps=2)
     _assert_steps_close(got, ref, 1e-4)
     assert not any(k.failed for k in KERNELS)
+
+
+def test_activation_with_constructor_arguments_through_kernels(kernels_on_cpu):
+    """A user activation that takes arguments (no default constructor) works through the kernels."""
+    from pinnsketch.nn.activations import Activation
+
+    class ScaledTanh(Activation):
+        name = "scaled_tanh"
+
+        def __init__(self, k: float):
+            self.k = k
+
+        def _derivatives(self, z, order):
+            t = torch.tanh(self.k * z)
+            s = 1 - t * t
+            out = [t, self.k * s, -2 * self.k ** 2 * t * s, self.k ** 3 * s * (6 * t * t - 2)]
+            return out[: order + 1]
+
+    kernels_on_cpu()
+    act = ScaledTanh(1.5)
+    z = torch.randn(BURGERS.size, 30, 6, dtype=torch.float64)
+    from pinnsketch.nn.fused import activation_jet
+
+    a = activation_jet(z, act, BURGERS)
+    torch.testing.assert_close(a, compose_streams(z, act.derivatives(z[0], BURGERS.order), BURGERS))
+    assert kernels.activation_jet_kernel._variants       # it ran through the kernel
