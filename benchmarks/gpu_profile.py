@@ -11,6 +11,7 @@ storage policies), with CPU and CUDA activity, and records:
 * `launches`: kernel launches issued by the host (cudaLaunchKernel and the like), and
   `syncs`: host waits on the device (cudaStreamSynchronize, cudaDeviceSynchronize, and
   device-to-host copies that block: cudaMemcpy, cudaMemcpyAsync followed by a wait);
+* `sync_callers`: each of those waits with the host operators that issued it (which line to fix);
 * `aten_ops`: operators dispatched (also on the CPU);
 * `top`: the 15 operators with the largest self time on the device (on the CPU: on the host).
 
@@ -101,7 +102,22 @@ def profile_system(storage: str, points: int, device: torch.device, *, width: in
                      reverse=True)[:15]
         top_rows = [{"name": e.key, "count": e.count, "host_ms": e.self_cpu_time_total / 1e3} for e in top]
     return {"storage": storage, "points": points, "wall_ms": 1e3 * wall, "device_ms": device_us / 1e3,
-            "launches": launches, "syncs": syncs, "aten_ops": aten, "top": top_rows}
+            "launches": launches, "syncs": syncs, "sync_callers": sync_callers(prof.events()), "aten_ops": aten,
+            "top": top_rows}
+
+
+def sync_callers(events) -> list[tuple[str, int]]:
+    """Each host wait (and device copy) with the chain of up to four host operators that issued it."""
+    callers: dict[str, int] = {}
+    for e in events:
+        if e.name.startswith(_SYNC_CALLS):
+            chain, parent = [], e.cpu_parent
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            key = " <- ".join([e.name, *chain])
+            callers[key] = callers.get(key, 0) + 1
+    return sorted(callers.items(), key=lambda kv: -kv[1])
 
 
 def main(argv=None) -> int:
