@@ -76,17 +76,9 @@ def activation_jet(z: torch.Tensor, activation: Activation, spec: JetSpec) -> to
     return compose_streams(z, activation.derivatives(z[0], spec.order), spec)
 
 
-def _derivatives_for_vjp(activation: Activation, z0: torch.Tensor, order: int) -> list[torch.Tensor] | None:
-    """[f, ..., f^(order+1)] at z0 for the hand-written vjp, or None when the activation stops short."""
-    if order + 1 > MAX_ORDER:
-        return None
-    derivs = activation.derivatives(z0, order + 1)
-    return derivs if len(derivs) == order + 2 else None
-
-
 def _has_derivatives(activation: Activation, order: int) -> bool:
     """Whether `activation` gives f^(order) (probed on one host element: no device work)."""
-    return len(activation.derivatives(torch.zeros(1), order)) == order + 1
+    return order <= MAX_ORDER and len(activation.derivatives(torch.zeros(1), order)) == order + 1
 
 
 @dataclass(frozen=True)
@@ -211,11 +203,11 @@ def _activation_vjp(call: BlockCall, z: torch.Tensor | None, mask: torch.Tensor 
         return (None if z is None or not need_a else z * mask), (None if grad_a is None else grad_a * mask)
     if grad_a is None:
         return (call.jet(z) if need_a else None), None
-    spec = call.spec
-    if spec.order + 1 <= MAX_ORDER and fused_kernels_active(z) and _has_derivatives(act, spec.order + 1):
+    spec, order = call.spec, call.spec.order + 1
+    if fused_kernels_active(z) and _has_derivatives(act, order):   # one compiled kernel on a GPU (nn.kernels)
         return activation_vjp_kernel(z, grad_a, activation=act, spec=spec, need_a=need_a)
-    derivs = _derivatives_for_vjp(act, z[0], spec.order)
-    if derivs is None:  # an activation without f^(order+1): differentiate the jet map by autograd
+    derivs = act.derivatives(z[0], order) if order <= MAX_ORDER else []
+    if len(derivs) != order + 1:  # an activation without f^(order+1): differentiate the jet map by autograd
         with torch.enable_grad():
             z_leaf = z.detach().requires_grad_(True)
             a = call.jet(z_leaf)

@@ -87,7 +87,7 @@ class DeviceKernel:
             first = not self.failed
             self._variants[key] = None
             if first:
-                    warnings.warn(f"pinnsketch: compiling the fused kernel {self.fn.__name__} failed ({type(exc).__name__}: "
+                warnings.warn(f"pinnsketch: compiling the fused kernel {self.fn.__name__} failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); running it eagerly from now on "
                               "(correct, slower on a GPU)", RuntimeWarning, stacklevel=2)
             return self.fn(*tensors, **static)

@@ -722,19 +722,20 @@ class _LowRankPacking(Packing):
         if self.fallback:
             self.kept.add(rows, z, a)
             return
-        n = self.shape[1]
-        self.u = _rows_into(self.u, rows, u, n)
-        if isinstance(self.block.activation, ReLU):
-            self.mask = _rows_into(self.mask, rows, _pack_mask_rows(z[0] > 0), n, dim=0)
+        self._keep(rows, z, u)
 
     def _add_fused(self, rows, z, u):
         """`add` without an audit, as one compiled kernel: the same codes, scales and measurements."""
         parts, norms = lowrank_encode_kernel(z, u, self.p, groups=self.kernel_groups)
         if self.measure is not None:
             self.measure.norms += norms
-        n = self.shape[1]
         for i, part in enumerate(parts):
-            self.codes[i] = _rows_into(self.codes[i], rows, part, n)
+            self.codes[i] = _rows_into(self.codes[i], rows, part, self.shape[1])
+        self._keep(rows, z, u)
+
+    def _keep(self, rows, z, u):
+        """Keep U of these rows and, through ReLU, their exact mask bits."""
+        n = self.shape[1]
         self.u = _rows_into(self.u, rows, u, n)
         if isinstance(self.block.activation, ReLU):
             self.mask = _rows_into(self.mask, rows, _pack_mask_rows(z[0] > 0), n, dim=0)
