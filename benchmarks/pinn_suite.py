@@ -17,6 +17,12 @@ the error and memory ratios to exact. Results go to benchmarks/results/pinn_suit
     python benchmarks/pinn_suite.py --problems burgers,heat --device cuda
     python benchmarks/pinn_suite.py --problems heat,poisson_corner --quick --out /tmp/suite.json   # smoke run
     python benchmarks/pinn_suite.py --problems burgers --seed 1 --runs /tmp/runs   # + run files (history, events)
+    python benchmarks/pinn_suite.py --from-runs kg_exact.h5 kg_lowrank.h5 --out /tmp/suite.json
+
+`--from-runs` makes the records from finished run files of `pinnsketch solve PROBLEM --storage S --out
+FILE` instead of solving (a suite split over processes or machines): the same fields, with the
+per-phase times from the run's wall clock (evaluations included), and `at_defaults` saying whether the
+run's network, training and point options were the problem's defaults.
 """
 
 from __future__ import annotations
@@ -86,6 +92,49 @@ def run_one(name: str, storage: str, opts) -> dict:
         config=result.config,
     )
     return record
+
+
+def record_from_run(path: str) -> dict:
+    """The record of `run_one` from a finished run file of `pinnsketch solve --out` (see the module docstring)."""
+    import numpy as np
+
+    from pinnsketch import load, problems
+    from pinnsketch.pinn.solver import problem_defaults
+
+    run = load(path)
+    if not run.completed:
+        raise SystemExit(f"--from-runs {path}: the run did not finish (status {run.attrs.get('status')!r}); "
+                         "resume it with `pinnsketch solve --resume FILE` first")
+    if run.attrs.get("kind") != "pinn" or run.problem not in problems.names():
+        raise SystemExit(f"--from-runs {path}: not a run of a library problem (problem {run.problem!r})")
+    problem = problems.get(run.problem)
+    defaults = {k: (v.config() if hasattr(v, "config") else v) for k, v in problem_defaults(problem).items()}
+    at_defaults = all(json.dumps(run.config.get(k), sort_keys=True) == json.dumps(defaults.get(k), sort_keys=True)
+                      for k in ("network", "adam", "lbfgs", "points", "loss_weights"))
+    steps, phase, wall = run.training["step"], run.training["phase"], run.training["wall_time_s"]
+    adam_rows = np.flatnonzero(phase == "adam")
+    adam_steps = int(steps[adam_rows[-1]]) if adam_rows.size else 0
+    adam_wall = float(wall[adam_rows[-1]]) if adam_rows.size else 0.0
+    lbfgs_steps = run.steps - adam_steps
+    tol, l2 = getattr(problem, "tolerance", None), run.l2_relative_error
+    stop = ({"reason": run.attrs["lbfgs_stop_reason"], "detail": run.attrs.get("lbfgs_stop_detail"),
+             "step": run.attrs.get("lbfgs_stop_step")} if "lbfgs_stop_reason" in run.attrs else None)
+    per_field = {k.split("/", 1)[1]: float(v[~np.isnan(v)][-1]) for k, v in run.training.items()
+                 if k.startswith("l2_per_output/") and (~np.isnan(v)).any()}
+    return {
+        "problem": run.problem, "storage": run.storage, "tolerance": tol,
+        "l2_relative_error": l2, "l2_per_field": per_field or None,
+        "passed": None if tol is None or l2 is None else bool(l2 <= tol),
+        "wall_s": run.wall_time_s, "adam_steps": adam_steps, "lbfgs_steps": lbfgs_steps,
+        "adam_ms_per_step": 1e3 * adam_wall / adam_steps if adam_steps else None,
+        "lbfgs_ms_per_step": (1e3 * (run.wall_time_s - adam_wall) / lbfgs_steps
+                              if lbfgs_steps and run.wall_time_s is not None else None),
+        "lbfgs_stop": stop, "saved_bytes_peak": run.saved_bytes_peak, "step_peak_bytes": run.step_peak_bytes,
+        "parameters": run.config.get("parameters") or {},
+        "options": {key: run.config.get(key) for key in OPTION_KEYS}, "config": run.config,
+        "run_file": str(path), "at_defaults": at_defaults,
+        "source": "run file of `pinnsketch solve --out`; per-phase ms from its wall clock (evaluations included)",
+    }
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -170,6 +219,8 @@ def main(argv=None) -> int:
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--device", default="auto")
     cli.add_argument("--out", default=str(HERE / "results" / "pinn_suite.json"))
+    cli.add_argument("--from-runs", nargs="+", default=None, metavar="FILE",
+                     help="make the records from these finished run files (pinnsketch solve --out) instead of solving")
     cli.add_argument("--runs", default=None, metavar="DIR",
                      help="also write each solve's HDF5 run file to DIR/<problem>_<storage>_s<seed>.h5")
     opts = cli.parse_args(argv)
@@ -202,16 +253,20 @@ def main(argv=None) -> int:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "commit": git_commit(), "records": [],
     }
-    for name in names:
-        for storage in opts.storages:
-            record = run_one(name, storage, opts)
-            payload["records"].append(record)
-            add_ratios(payload["records"])
-            l2 = record.get("l2_relative_error")
-            print(f"{name:20s} {storage:10s} L2 {_fmt(l2, '.3e'):>10s}  {record['wall_s']:7.1f} s"
-                  + (f"  {record['error']}" if "error" in record else ""), file=sys.stderr, flush=True)
-            # rewrite after every run so an interrupted suite keeps what it measured
-            out.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
+    jobs = ([(None, None, path) for path in opts.from_runs] if opts.from_runs
+            else [(name, storage, None) for name in names for storage in opts.storages])
+    if opts.from_runs:
+        payload["budget"] = "as recorded in each run file"
+    for name, storage, path in jobs:
+        record = run_one(name, storage, opts) if path is None else record_from_run(path)
+        name, storage = record["problem"], record["storage"]
+        payload["records"].append(record)
+        add_ratios(payload["records"])
+        l2 = record.get("l2_relative_error")
+        print(f"{name:20s} {storage:10s} L2 {_fmt(l2, '.3e'):>10s}  {record['wall_s']:7.1f} s"
+              + (f"  {record['error']}" if "error" in record else ""), file=sys.stderr, flush=True)
+        # rewrite after every run so an interrupted suite keeps what it measured
+        out.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
     print(table(payload["records"]))
     return 0
 

@@ -435,8 +435,10 @@ def save_result(result, path: str | os.PathLike, *, compression: str | None = "g
         if result.storage_report:
             rf.sketch.append(sketch_row(history["step"][-1] if history["step"] else 0, result.storage_report))
         rf.write_model(result.model)
-        root: dict[str, Any] = {"completed": True, "steps": int(history["step"][-1]) if history["step"] else 0,
-                                "wall_time_s": float(getattr(result, "timing", {}).get("total_s", math.nan))}
+        root: dict[str, Any] = {"completed": True, "status": "completed",
+                                "steps": int(history["step"][-1]) if history["step"] else 0,
+                                "wall_time_s": float(getattr(result, "timing", {}).get("total_s", math.nan)),
+                                **_lbfgs_stop_attributes(result)}
         evaluation = getattr(result, "evaluation", None)
         if isinstance(evaluation, Mapping) and evaluation.get("x") is not None:
             rf.write_solution(evaluation["x"], evaluation["prediction"], evaluation.get("reference"),

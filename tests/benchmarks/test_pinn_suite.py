@@ -45,6 +45,33 @@ def test_records_options_results_and_ratios(suite, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| heat | " in table and "32x4 tanh" in table and "| 2+1 |" in table
 
+    # the same records from the run files (a suite split over processes)
+    again = tmp_path / "again.json"
+    assert suite.main(["--from-runs", *(r["run_file"] for r in payload["records"]), "--out", str(again)]) == 0
+    copied = json.loads(again.read_text())["records"]
+    for r, c in zip(payload["records"], copied):
+        for key in ("problem", "storage", "tolerance", "passed", "adam_steps", "lbfgs_steps", "saved_bytes_peak",
+                    "step_peak_bytes", "options"):
+            assert c[key] == r[key], key
+        assert c["l2_relative_error"] == pytest.approx(r["l2_relative_error"])
+        assert c["lbfgs_stop"]["reason"] == "step budget" and c["adam_ms_per_step"] > 0
+        assert c["at_defaults"] is False          # 2 + 1 steps are not heat's defaults
+    assert copied[1]["l2_ratio_to_exact"] == pytest.approx(lr["l2_ratio_to_exact"])
+
+
+def test_from_runs_refuses_an_unfinished_run(suite, tmp_path):
+    import h5py
+
+    run = tmp_path / "run.h5"
+    assert suite.main(["--problems", "heat", "--storages", "exact", "--steps", "1", "--lbfgs-steps", "0",
+                       "--device", "cpu", "--runs", str(tmp_path), "--out", str(tmp_path / "a.json")]) == 0
+    (path,) = tmp_path.glob("heat_exact_*.h5")
+    path.rename(run)
+    with h5py.File(run, "r+") as f:
+        f.attrs["completed"] = False
+    with pytest.raises(SystemExit, match="did not finish"):
+        suite.main(["--from-runs", str(run), "--out", str(tmp_path / "b.json")])
+
 
 def test_network_override_is_trained_and_recorded(suite, tmp_path):
     out = tmp_path / "suite.json"

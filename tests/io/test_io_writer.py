@@ -134,6 +134,9 @@ def test_save_result_writes_a_complete_file(tmp_path):
     np.testing.assert_array_equal(run.training["loss"], result.history["loss"])
     np.testing.assert_array_equal(run.solution.prediction, result.evaluation["prediction"])
     assert run.checkpoint_step == result.state.step and run.gradient_norms == {}
+    # the same status and L-BFGS stop as a file written while training
+    assert run.summary()["status"] == "completed"
+    assert run.summary()["lbfgs_stop"]["reason"] == result.history["lbfgs_stop"]["reason"] == "step budget"
     with pytest.raises(TypeError, match="RunWriter"):
         save_result(object(), tmp_path / "bad.h5")
 
