@@ -42,7 +42,7 @@ if [[ $DRY == 1 ]]; then
     OUT="${OUT:-$(mktemp -d -t gpu_check_dry.XXXXXX)}"
     TESTS=(tests/cuda -q -p no:cacheprovider)
     PROFILE=(benchmarks/gpu_profile.py --device cpu --points 256 --storages nested exact lowrank)
-    STEP=(benchmarks/gpu_step.py --device cpu --dry-run)
+    STEP=(benchmarks/gpu_step.py --device cpu --dry-run --interleave 2)
     VS=(benchmarks/vs_deepxde.py --device cpu --iterations 20 --block 10 --warmup 2 --variants exact lowrank)
     SOLVE=(benchmarks/solve_burgers.py --device cpu --steps 3 --lbfgs-steps 1 --points 200)
     CHUNKED=(benchmarks/gpu_step.py --device cpu --dry-run --networks mlp --storages exact lowrank --chunk-bytes 4096)
@@ -59,7 +59,7 @@ else
     # Sizes for under 8 minutes in all: on an H200 steps 1-5 took 243 s, 6 about 25 s and 7 about 80 s
     # (most of it compiling); the limits (655 s together) are backstops; gpu_step measures the MLP first and records what its budget cannot fit as skipped.
     PROFILE=(benchmarks/gpu_profile.py --device cuda --points 32768 262144)
-    STEP=(benchmarks/gpu_step.py --device cuda --steps 3 --warmup 1 --time-budget-s 105)
+    STEP=(benchmarks/gpu_step.py --device cuda --steps 3 --warmup 1 --interleave 4 --time-budget-s 105)
     VS=(benchmarks/vs_deepxde.py --device cuda --iterations 600 --block 50 --warmup 20)
     SOLVE=(benchmarks/solve_burgers.py --device cuda --steps 2000 --lbfgs-steps 300 --timeout-s 60)
     CHUNKED=(benchmarks/gpu_step.py --device cuda --networks mlp --points 32768 262144 --storages exact checkpoint lowrank

@@ -25,9 +25,16 @@ memory is recorded (`status: "oom"`), as is a configuration skipped because its
 predicted time (from the same network and storage at the previous size) exceeds what
 is left of `--time-budget-s`. The JSON is rewritten after every configuration.
 
+`--interleave ROUNDS` (one process: CUDA, or the CPU with `--in-process`): after a size's
+configurations are measured as above, they are kept and timed in turn, `ROUNDS` rounds of
+`--steps` steps each in a fixed order; `step_ms` becomes the median of these steps (the alone
+figure stays as `sequential_step_ms`) and `ratio_to[other]` the median over rounds of the
+round-time ratio, so that a change of load or clock during the run meets all systems alike.
+
     python benchmarks/gpu_step.py --device cuda        # 32768, 262144, 1048576 points -> results/gpu_step_cuda.json
     python benchmarks/gpu_step.py                      # CPU: 4096, 16384 points -> results/gpu_step_cpu.json
     python benchmarks/gpu_step.py --dry-run --out /tmp/g.json   # tiny sizes (tests)
+    python benchmarks/gpu_step.py --device cuda --networks mlp --points 32768 262144 --storages nested exact lowrank --interleave 8
 """
 
 from __future__ import annotations
@@ -147,30 +154,47 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc)
 
 
-def measure(config: dict, device: torch.device) -> dict:
-    """Median step time over config["steps"] after config["warmup"], and peak memory (see module doc)."""
+class Stepper:
+    """One configuration's model, points and Adam; calling it runs one training step and returns the loss."""
+
+    def __init__(self, config: dict, device: torch.device):
+        self.model, self.loss_fn = build(config, device)
+        self.x = collocation(config["points"], device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.advance = getattr(self.model, "advance", lambda: None)
+        self.device = device
+
+    def __call__(self) -> torch.Tensor:
+        self.advance()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.x)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed(self) -> tuple[float, torch.Tensor]:
+        """(seconds, loss) of one step, synchronized at both ends on a GPU."""
+        self.sync()
+        t0 = time.perf_counter()
+        loss = self()
+        self.sync()
+        return time.perf_counter() - t0, loss
+
+
+def measure(config: dict, device: torch.device, keep: bool = False) -> dict | tuple[dict, Stepper | None]:
+    """Median step time over config["steps"] after config["warmup"], and peak memory (see module doc).
+    keep=True: (record, the warmed-up Stepper, None after out of memory) for `interleave`."""
     from pinnsketch.nn import MemoryMeter, ResidentPeak
 
     cuda = device.type == "cuda"
     record = dict(config)
+    stepper = None
     try:
-        model, loss_fn = build(config, device)
-        x = collocation(config["points"], device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        advance = getattr(model, "advance", lambda: None)
-
-        def step():
-            advance()
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(x)
-            loss.backward()
-            opt.step()
-            return loss
-
-        def sync():
-            if cuda:
-                torch.cuda.synchronize(device)
-
+        stepper = Stepper(config, device)
         times = []
         rss = None if cuda else ResidentPeak()
         if rss is not None:
@@ -178,18 +202,15 @@ def measure(config: dict, device: torch.device) -> dict:
         try:
             t0 = time.perf_counter()
             for _ in range(config["warmup"]):
-                step()
-            sync()
+                stepper()
+            stepper.sync()
             record["warmup_s"] = time.perf_counter() - t0
             if cuda:
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             for _ in range(config["steps"]):
-                sync()
-                t0 = time.perf_counter()
-                loss = step()
-                sync()
-                times.append(time.perf_counter() - t0)
+                seconds, loss = stepper.timed()
+                times.append(seconds)
         finally:
             if rss is not None:
                 rss.__exit__(None, None, None)
@@ -200,7 +221,7 @@ def measure(config: dict, device: torch.device) -> dict:
             record["peak_bytes"] = rss.peak_bytes
             record["peak_kind"] = "resident memory above the level before the first step (ResidentPeak)"
         with MemoryMeter() as meter:
-            step()
+            stepper()
         record["saved_peak_bytes"] = meter.peak_bytes
         record.update(status="ok", step_ms=1e3 * statistics.median(times), step_ms_all=[1e3 * t for t in times],
                       loss=float(loss.detach()))
@@ -208,12 +229,39 @@ def measure(config: dict, device: torch.device) -> dict:
         if not _is_oom(exc):
             raise
         record.update(status="oom", error=str(exc).splitlines()[0][:300])
+        stepper = None
     finally:
-        model = loss_fn = opt = x = None  # noqa: F841 - free before the next configuration
+        if not keep:
+            stepper = None  # free before the next configuration
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    return record
+    return (record, stepper) if keep else record
+
+
+def interleave(runs: list[tuple[dict, Stepper]], rounds: int) -> None:
+    """Time warmed-up configurations of one network and size in turn: `rounds` rounds, in each every
+    configuration runs its config["steps"] steps, in a fixed order. Updates each record: `sequential_step_ms`
+    (its own timed steps, measured alone), `step_ms` (median of its interleaved steps), `round_ms` and
+    `ratio_to` (per other configuration, the median over rounds of this one's round time over the
+    other's): a change of load or clock between rounds meets every configuration alike."""
+    round_s = {id(r): [] for r, _ in runs}
+    steps = {id(r): [] for r, _ in runs}
+    for _ in range(rounds):
+        for record, stepper in runs:
+            total = 0.0
+            for _ in range(record["steps"]):
+                seconds, _ = stepper.timed()
+                steps[id(record)].append(seconds)
+                total += seconds
+            round_s[id(record)].append(total)
+    for record, _ in runs:
+        mine = round_s[id(record)]
+        record.update(
+            sequential_step_ms=record["step_ms"], step_ms=1e3 * statistics.median(steps[id(record)]),
+            step_ms_all=[1e3 * t for t in steps[id(record)]], round_ms=[1e3 * t for t in mine], rounds=rounds,
+            ratio_to={other["storage"]: statistics.median(a / b for a, b in zip(mine, round_s[id(other)]))
+                      for other, _ in runs if other is not record})
 
 
 def measure_in_subprocess(config: dict, timeout: float | None, threads: int = 0) -> dict:
@@ -251,6 +299,15 @@ def predicted_s(records: list[dict], config: dict) -> float | None:
     return per_step * (config["warmup"] + config["steps"] + 1)
 
 
+def _show(record: dict, label: str = "") -> None:
+    shown = (f"{record['step_ms']:9.1f} ms  peak {record['peak_bytes'] / 2**20:9.1f} MiB  "
+             f"saved {record['saved_peak_bytes'] / 2**20:9.1f} MiB" if record["status"] == "ok"
+             else f"{record['status']}: {record.get('error', '')}")
+    ratios = " ".join(f"/{k} {v:.2f}" for k, v in record.get("ratio_to", {}).items()) if label else ""
+    print(f"{record['network']:<9} {record['storage']:<11} {record['points']:>9}  {shown} {label} {ratios}".rstrip(),
+          file=sys.stderr)
+
+
 def main(argv=None) -> int:
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
@@ -268,6 +325,10 @@ def main(argv=None) -> int:
                           "per call on a GPU); smaller chunks bound a step's working set at the cost of launches")
     cli.add_argument("--time-budget-s", type=float, default=None,
                      help="skip configurations predicted to exceed what is left of this budget (default: none)")
+    cli.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                     help="after each size's sequential measurements, time its configurations in turn for ROUNDS "
+                          "rounds of --steps steps each (one process: CUDA, or the CPU with --in-process); step_ms "
+                          "and ratio_to come from these rounds (default 0: sequential only)")
     cli.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0: torch's)")
     cli.add_argument("--in-process", action="store_true",
                      help="CPU: measure every configuration in this process (quicker; peaks then include "
@@ -303,6 +364,10 @@ def main(argv=None) -> int:
             cli.error(f"{name} must be >= 1, got {value}")
     if opts.warmup < 0:
         cli.error(f"--warmup must be >= 0, got {opts.warmup}")
+    if opts.interleave < 0:
+        cli.error(f"--interleave must be >= 0, got {opts.interleave}")
+    if opts.interleave and device.type == "cpu" and not opts.in_process:
+        cli.error("--interleave keeps every configuration of a size in one process: on the CPU add --in-process")
     out = Path(opts.out or HERE / "results" / f"gpu_step_{device.type}.json")
 
     from pinnsketch.data.bench import git_commit, jsonable
@@ -314,7 +379,8 @@ def main(argv=None) -> int:
         "points": points, "networks": opts.networks, "storages": opts.storages,
         "shapes": {"mlp": f"MLP 2-{opts.width}x{opts.depth}-1 tanh",
                    "residual": f"ResidualMLP 2-{opts.width}, {opts.residual_depth} residual blocks, -1, tanh"},
-        "steps": opts.steps, "warmup": opts.warmup, "dtype": "float32", "optimizer": "adam, lr 1e-3",
+        "steps": opts.steps, "warmup": opts.warmup, "interleave_rounds": opts.interleave,
+        "dtype": "float32", "optimizer": "adam, lr 1e-3",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "commit": git_commit(), "time_budget_s": opts.time_budget_s,
         "process_per_configuration": device.type == "cpu" and not opts.in_process, "records": [],
@@ -323,6 +389,7 @@ def main(argv=None) -> int:
     # Network-major, sizes ascending: under a time budget the first network's table is complete first.
     for network in opts.networks:
         for n in points:
+            kept = []           # (record, stepper) of this size, for --interleave
             for storage in opts.storages:
                 config = {"network": network, "storage": storage, "points": n, "width": opts.width,
                           "depth": opts.depth, "residual_depth": opts.residual_depth, "steps": opts.steps,
@@ -332,17 +399,27 @@ def main(argv=None) -> int:
                 if left is not None and (left <= 0 or (guess is not None and guess > left)):
                     record = {**config, "status": "skipped",
                               "error": f"predicted {guess or 0:.0f} s, {max(left, 0):.0f} s of the time budget left"}
+                elif opts.interleave:
+                    record, stepper = measure(config, device, keep=True)
+                    if stepper is not None:
+                        kept.append((record, stepper))
                 elif device.type == "cuda" or opts.in_process:
                     record = measure(config, device)
                 else:
                     record = measure_in_subprocess(config, timeout=left, threads=opts.threads)
                 payload["records"].append(record)
-                shown = (f"{record['step_ms']:9.1f} ms  peak {record['peak_bytes'] / 2**20:9.1f} MiB  "
-                         f"saved {record['saved_peak_bytes'] / 2**20:9.1f} MiB" if record["status"] == "ok"
-                         else f"{record['status']}: {record.get('error', '')}")
-                print(f"{network:<9} {storage:<11} {n:>9}  {shown}", file=sys.stderr)
+                _show(record)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
+            if len(kept) > 1:
+                interleave(kept, opts.interleave)
+                for record, _ in kept:
+                    _show(record, "interleaved")
+                out.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
+            kept = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     payload["wall_s"] = time.perf_counter() - start
     out.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
     print(f"wrote {out}", file=sys.stderr)

@@ -42,6 +42,9 @@ def test_dry_run_writes_every_result(tmp_path):
     assert combos == {(n, s) for n in ("mlp", "residual") for s in ("nested", "exact", "checkpoint", "lowrank")}
     for r in step["records"]:
         assert r["status"] == "ok" and r["step_ms"] > 0 and r["saved_peak_bytes"] > 0 and r["peak_bytes"] >= 0
+        # --interleave 2: the same size's systems timed in turn, ratios per round
+        assert r["rounds"] == 2 and len(r["round_ms"]) == 2 and r["sequential_step_ms"] > 0
+        assert set(r["ratio_to"]) == {"nested", "exact", "checkpoint", "lowrank"} - {r["storage"]}
 
     chunked = results["gpu_step_chunked_cpu.json"]
     assert {r["storage"] for r in chunked["records"]} == {"exact", "lowrank"}
@@ -66,6 +69,25 @@ def test_gpu_step_measures_one_configuration_in_a_fresh_process():
     record = bench.measure_in_subprocess(config, timeout=300)
     assert record["status"] == "ok", record
     assert record["points"] == 128 and record["step_ms"] > 0 and record["saved_peak_bytes"] > 0
+
+
+def test_interleaved_ratios_are_medians_of_round_ratios(tmp_path, capsys):
+    bench = load("gpu_step")
+    out = tmp_path / "g.json"
+    assert bench.main(["--device", "cpu", "--dry-run", "--networks", "mlp", "--storages", "nested", "exact",
+                       "--interleave", "3", "--out", str(out)]) == 0
+    nested, exact = json.loads(out.read_text())["records"]
+    assert json.loads(out.read_text())["interleave_rounds"] == 3
+    for r in (nested, exact):
+        assert len(r["round_ms"]) == 3 and len(r["step_ms_all"]) == 3 * r["steps"]
+        assert r["step_ms"] == pytest.approx(float(np.median(r["step_ms_all"])))
+    expected = float(np.median(np.array(exact["round_ms"]) / np.array(nested["round_ms"])))
+    assert exact["ratio_to"]["nested"] == pytest.approx(expected)
+    assert nested["ratio_to"]["exact"] == pytest.approx(float(np.median(np.array(nested["round_ms"]) /
+                                                                         np.array(exact["round_ms"]))))
+    assert "interleaved /nested" in capsys.readouterr().err
+    with pytest.raises(SystemExit):     # the CPU measures each configuration in its own process by default
+        bench.main(["--device", "cpu", "--points", "64", "--interleave", "2", "--out", str(tmp_path / "x.json")])
 
 
 def test_nested_and_jet_residuals_agree():
