@@ -117,8 +117,6 @@ def record_from_run(path: str) -> dict:
     adam_wall = float(wall[adam_rows[-1]]) if adam_rows.size else 0.0
     lbfgs_steps = run.steps - adam_steps
     tol, l2 = getattr(problem, "tolerance", None), run.l2_relative_error
-    stop = ({"reason": run.attrs["lbfgs_stop_reason"], "detail": run.attrs.get("lbfgs_stop_detail"),
-             "step": run.attrs.get("lbfgs_stop_step")} if "lbfgs_stop_reason" in run.attrs else None)
     per_field = {k.split("/", 1)[1]: float(v[~np.isnan(v)][-1]) for k, v in run.training.items()
                  if k.startswith("l2_per_output/") and (~np.isnan(v)).any()}
     return {
@@ -129,7 +127,7 @@ def record_from_run(path: str) -> dict:
         "adam_ms_per_step": 1e3 * adam_wall / adam_steps if adam_steps else None,
         "lbfgs_ms_per_step": (1e3 * (run.wall_time_s - adam_wall) / lbfgs_steps
                               if lbfgs_steps and run.wall_time_s is not None else None),
-        "lbfgs_stop": stop, "saved_bytes_peak": run.saved_bytes_peak, "step_peak_bytes": run.step_peak_bytes,
+        "lbfgs_stop": run.summary()["lbfgs_stop"], "saved_bytes_peak": run.saved_bytes_peak, "step_peak_bytes": run.step_peak_bytes,
         "parameters": run.config.get("parameters") or {},
         "options": {key: run.config.get(key) for key in OPTION_KEYS}, "config": run.config,
         "run_file": str(path), "at_defaults": at_defaults,
