@@ -8,6 +8,8 @@
 #      (benchmarks/solve_burgers.py)          -> results/solve_burgers_cuda.json
 #   6. gpu_step.py with 32 MiB chunks (the memory-bound setting) -> results/gpu_step_chunked_cuda.json
 #   7. gpu_step.py with the compiled loss (CUDA only)         -> results/gpu_step_compiled_cuda.json
+#   8. compiled_lowrank_probe.py at 2-256x6-1, 32,768 points (what a traced lowrank step would cost)
+#                                                             -> results/compiled_lowrank_probe_cuda.json
 # and a summary of the steps (exit status, seconds) -> results/gpu_check_cuda.json.
 # Every step has its own time limit (`timeout`); a step that fails or times out is
 # recorded and the others still run; the exit status is 1 when any step failed.
@@ -28,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) DRY=1; shift ;;
         --out-dir) OUT="${2:?--out-dir needs a folder}"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1'; use --dry-run and/or --out-dir DIR" >&2; exit 2 ;;
     esac
 done
@@ -47,7 +49,10 @@ if [[ $DRY == 1 ]]; then
     SOLVE=(benchmarks/solve_burgers.py --device cpu --steps 3 --lbfgs-steps 1 --points 200)
     CHUNKED=(benchmarks/gpu_step.py --device cpu --dry-run --networks mlp --storages exact lowrank --chunk-bytes 4096)
     COMPILED=()    # the compiled loss needs a C++ compiler on the CPU: the dry run leaves it out
-    LIMITS=(300 300 300 300 300 300 300)  # backstops only: the dry run takes about 50 s of CPU time
+    # the probe traced but not code-generated (aot_eager: no C++ compiler needed)
+    PROBE=(benchmarks/compiled_lowrank_probe.py --device cpu --backend aot_eager --variants exact lowrank
+           --width 16 --depth 2 --points 200 --rounds 2 --chunk 1)
+    LIMITS=(300 300 300 300 300 300 300 300)  # backstops only: the dry run takes about 60 s of CPU time
 else
     DEVICE=cuda; TAG=cuda
     OUT="${OUT:-benchmarks/results}"
@@ -57,7 +62,7 @@ else
     fi
     TESTS=(tests/cuda -q -rs -p no:cacheprovider)
     # Sizes for under 8 minutes in all: on an H200 steps 1-5 took 243 s, 6 about 25 s and 7 about 80 s
-    # (most of it compiling); the limits (655 s together) are backstops; gpu_step measures the MLP first and records what its budget cannot fit as skipped.
+    # (most of it compiling), 8 is new (four compilations); the limits (745 s together) are backstops; gpu_step measures the MLP first and records what its budget cannot fit as skipped.
     PROFILE=(benchmarks/gpu_profile.py --device cuda --points 32768 262144)
     STEP=(benchmarks/gpu_step.py --device cuda --steps 3 --warmup 1 --interleave 4 --time-budget-s 105)
     VS=(benchmarks/vs_deepxde.py --device cuda --iterations 600 --block 50 --warmup 20)
@@ -66,7 +71,8 @@ else
              --chunk-bytes 33554432 --steps 3 --warmup 1)
     COMPILED=(benchmarks/gpu_step.py --device cuda --networks mlp --points 32768 262144 --storages nested exact compiled
               --steps 3 --warmup 1)
-    LIMITS=(75 45 130 90 135 60 120)
+    PROBE=(benchmarks/compiled_lowrank_probe.py --device cuda --width 256 --depth 6 --points 32768 --rounds 5 --chunk 10)
+    LIMITS=(75 45 130 90 135 60 120 90)
 fi
 mkdir -p "$OUT"
 SUMMARY="$OUT/gpu_check_${TAG}.tsv"
@@ -99,6 +105,7 @@ run_step gpu_step_chunked "${LIMITS[5]}" "$PY" "${CHUNKED[@]}" --out "$OUT/gpu_s
 if [[ ${#COMPILED[@]} -gt 0 ]]; then
     run_step gpu_step_compiled "${LIMITS[6]}" "$PY" "${COMPILED[@]}" --out "$OUT/gpu_step_compiled_${TAG}.json"
 fi
+run_step compiled_lowrank_probe "${LIMITS[7]}" "$PY" "${PROBE[@]}" --out "$OUT/compiled_lowrank_probe_${TAG}.json"
 
 TOTAL=$(seconds_since "$START")
 "$PY" - "$SUMMARY" "$OUT/gpu_check_${TAG}.json" "$DEVICE" "$DRY" "$TOTAL" <<'EOF'

@@ -29,11 +29,13 @@ def test_dry_run_writes_every_result(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(results) == {"gpu_check_cpu.json", "gpu_profile_cpu.json", "gpu_step_cpu.json", "vs_deepxde_cpu.json",
-                            "solve_burgers_cpu.json", "gpu_step_chunked_cpu.json"}
+                            "solve_burgers_cpu.json", "gpu_step_chunked_cpu.json",
+                            "compiled_lowrank_probe_cpu.json"}
 
     check = results["gpu_check_cpu.json"]
     assert check["dry_run"] and [s["name"] for s in check["steps"]] == [
-        "cuda_tests", "gpu_profile", "gpu_step", "vs_deepxde", "solve_burgers", "gpu_step_chunked"]
+        "cuda_tests", "gpu_profile", "gpu_step", "vs_deepxde", "solve_burgers", "gpu_step_chunked",
+        "compiled_lowrank_probe"]
     assert all(s["status"] == "ok" and s["seconds"] > 0 for s in check["steps"])
 
     step = results["gpu_step_cpu.json"]
@@ -60,6 +62,10 @@ def test_dry_run_writes_every_result(tmp_path):
     assert [r["storage"] for r in solve["records"]] == ["exact", "lowrank"]
     for r in solve["records"]:
         assert r["status"] == "ok" and 0 < r["l2_relative_error"] < 10 and r["run_device"] == "cpu"
+
+    probe = results["compiled_lowrank_probe_cpu.json"]
+    assert probe["backend"] == "aot_eager" and set(probe["variants"]) == {"exact", "lowrank"}
+    assert probe["variants"]["lowrank"]["first_grad_rel_error"] < 5e-2
 
 
 def test_gpu_step_measures_one_configuration_in_a_fresh_process():
