@@ -87,6 +87,29 @@ def test_check_off_reads_nothing_back_and_metering_is_on_request():
     assert record.meter.peak_bytes > 0 and record.meter.step_peak_bytes is None
 
 
+def test_a_metered_lbfgs_step_meters_its_first_evaluation_only():
+    # Profiling every evaluation of an L-BFGS step (up to max_iter x (1 + max_line_search)) took
+    # gigabytes on the CPU; the first evaluation has the activations of them all.
+    torch.manual_seed(0)
+    model, x, y = Counting(), torch.randn(64, 3, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    base = _least_squares(model, x, y)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        loss, terms = base()
+        if len(calls) > 1:          # 8 MiB alive during every later evaluation's backward
+            big = torch.ones(1 << 20, dtype=torch.float64, requires_grad=True)
+            loss = loss + 0.0 * big.sum()
+        return loss, terms
+
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=4, line_search_fn="strong_wolfe")
+    record = train_step(model, opt, loss_fn, meter=True)
+    assert len(calls) > 1
+    assert 0 < record.meter.peak_bytes < 1 << 20                     # saved tensors of the first evaluation
+    assert record.meter.step_peak_bytes is not None and record.meter.step_peak_bytes < 1 << 22
+
+
 def test_crossed():
     assert crossed(7, 8, 4) and crossed(5, 9, 4) and not crossed(8, 11, 4) and not crossed(3, 3, 4)
 

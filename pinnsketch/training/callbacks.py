@@ -57,7 +57,7 @@ class TrainingState:
     `train_classifier`), losses (term -> float, at the start of the step), loss
     (weighted total), lr, wall_time_s, saved_bytes_peak (int | None),
     step_peak_bytes (int | None: the peak of all live tensor bytes of a metered
-    step above its start, `MemoryMeter(step_peak=True)`), l2_relative_error (set
+    step's first loss evaluation above its start, `MemoryMeter(step_peak=True)`), l2_relative_error (set
     on evaluation steps, else None), config (JSON-able), storage_report (list of dicts).
     Extra: max_steps, phase_start, history, parameters, generator, points,
     callbacks, and the flags `stop_phase` / `stop_training` a callback may set.

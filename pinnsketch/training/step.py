@@ -13,15 +13,18 @@ step (`optimizer.step(closure)`) evaluates the closure several times under one
 `fused_step` is the same step for a function that evaluates the loss and
 updates in one call (a compiled iteration, `pinnsketch.pinn.compiled`).
 
-The memory meter, when asked for, spans the loss evaluation (forward and
-backward) of a one-evaluation optimizer, and the whole step of L-BFGS, whose
-evaluations interleave with its updates. The step's time always includes the
-update.
+The memory meter, when asked for, spans the step's first loss evaluation
+(forward and backward). Every evaluation of a step keeps the same activations,
+so one evaluation measures them; an L-BFGS step evaluates up to
+max_iter x (1 + max_line_search) times, and profiling all of them on the CPU
+(the allocator's events, `MemoryMeter(step_peak=True)`) recorded millions of
+events and took gigabytes: a PirateNet run on allen_cahn was killed for
+memory at 8.9 GB. L-BFGS' own parameter-sized buffers are therefore outside
+the meter. The step's time always includes the update.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -144,19 +147,24 @@ def train_step(
             first.append((loss.detach(), values))
         return loss
 
-    repeated = isinstance(optimizer, torch.optim.LBFGS)  # evaluates the closure between its updates
-    measure = MemoryMeter(step_peak=step_peak) if meter else contextlib.nullcontext()
+    measure = MemoryMeter(step_peak=step_peak) if meter else None
+
+    def metered_closure():
+        # the meter spans the first evaluation only (see the module docstring)
+        if measure is None or first:
+            return closure()
+        with measure:
+            return closure()
+
     t0 = time.perf_counter()
-    with measure:
-        if repeated:
-            optimizer.step(closure)
-        else:
-            closure()
-    if not repeated:
+    if isinstance(optimizer, torch.optim.LBFGS):  # evaluates the closure between its updates
+        optimizer.step(metered_closure)
+    else:
+        metered_closure()
         optimizer.step()
     seconds = time.perf_counter() - t0
     loss, values = first[0]
-    return StepRecord(loss=loss, values=values, seconds=seconds, meter=measure if meter else None)
+    return StepRecord(loss=loss, values=values, seconds=seconds, meter=measure)
 
 
 def fused_step(
