@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.adam import adam as torch_adam
 
 from pinnsketch.data.bench import cpu_model, git_commit
 from pinnsketch.nn.activations import get_activation
@@ -148,13 +149,12 @@ def _loss(variant, flat, x, n_domain, fixed_basis):
 
 
 def _step_fn(variant, fixed_basis):
-    def step(flat, exp_avg, exp_avg_sq, t, x, n_domain):
+    def step(flat, exp_avg, exp_avg_sq, steps, x, n_domain):
         grads, loss = torch.func.grad_and_value(lambda f: _loss(variant, f, x, n_domain, fixed_basis))(flat)
-        t.add_(1)                   # the step count as a tensor: a Python int would recompile per value
-        for p, g, m, v in zip(flat, grads, exp_avg, exp_avg_sq):      # Adam, lr 1e-3
-            m.mul_(0.9).add_(g, alpha=0.1)
-            v.mul_(0.999).addcmul_(g, g, value=0.001)
-            p.sub_(1e-3 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8))
+        # torch's own Adam (lr 1e-3), as `CompiledAdam` runs it; the step counts are tensors
+        torch_adam(flat, list(grads), exp_avg, exp_avg_sq, [], steps, foreach=False, capturable=False,
+                   differentiable=False, fused=None, grad_scale=None, found_inf=None, has_complex=False,
+                   amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=0.0, eps=1e-8, maximize=False)
         return loss, grads
     return step
 
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     for name in args.variants:
         flat = [p.clone() for p in flat0]
         state = ([torch.zeros_like(p) for p in flat], [torch.zeros_like(p) for p in flat],
-                 torch.zeros((), device=device))
+                 [torch.zeros((), dtype=torch.float64, device=device) for _ in flat])
         fn = torch.compile(_step_fn(name, fixed_basis), backend=args.backend)
         t0 = time.perf_counter()
         with torch.no_grad():
