@@ -58,7 +58,7 @@ def test_each_flag_parses_into_its_option_object(flags, key, expected):
 
 
 def test_refine_changes_only_the_keys_it_names_over_the_problems_points():
-    default = problems.get("allen_cahn").solver_defaults["points"]          # 8,000 points with RAR()
+    default = problems.get("allen_cahn").solver_defaults["points"]          # 4,000 fixed points
     got = options("allen_cahn", "--refine", "every=10,add=5")["points"]
     assert got == ps.Points(domain=default.domain, refine=ps.RAR(every=10, add=5))
     assert options("allen_cahn", "--refine", "none")["points"] == ps.Points(domain=default.domain, refine=None)
