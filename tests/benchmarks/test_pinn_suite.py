@@ -94,3 +94,35 @@ def test_quick_and_bad_arguments(suite, tmp_path):
     assert not (tmp_path / "x.json").exists()
     assert suite._names(["heat,wave", "burgers"]) == ["heat", "wave", "burgers"]
     assert suite.QUICK_STEPS["adam"] > 0 and suite.QUICK_STEPS["lbfgs"] > 0
+
+
+def test_seed_summary_takes_runs_at_todays_defaults_and_the_geometric_mean(suite, tmp_path, capsys):
+    from pinnsketch import problems
+    from pinnsketch.pinn.solver import problem_defaults
+
+    defaults = {k: (v.config() if hasattr(v, "config") else v) for k, v in problem_defaults(problems.get("heat")).items()}
+
+    def record(storage, seed, l2, **change):
+        config = {**defaults, "seed": seed, "dtype": "float32", **change}
+        return {"problem": "heat", "storage": storage, "l2_relative_error": l2, "config": config}
+
+    records = [record("exact", 0, 1e-3), record("lowrank", 0, 4e-3),                # ratio 4, replaced below
+               record("exact", 1, 2e-3), record("lowrank", 1, 1e-3),                # ratio 0.5
+               record("lowrank", 0, 2e-3),                                           # a later run of seed 0: 2
+               record("lowrank", 2, 0.5),                                            # no exact: no ratio; a miss
+               record("exact", 3, 1e-4, network={**defaults["network"], "width": 7}),  # not the defaults
+               record("exact", 4, 1e-4, dtype="float64"),
+               record("lowrank:residual=int8", 1, 1e-5), {"problem": "heat", "storage": "exact", "error": "x"}]
+    (row,) = suite.seed_summary(records)
+    assert row["seeds"] == [0, 1, 2] and row["l2"]["lowrank"] == {0: 2e-3, 1: 1e-3, 2: 0.5}
+    assert row["ratio"] == pytest.approx({0: 2.0, 1: 0.5}) and row["ratio_geometric_mean"] == pytest.approx(1.0)
+    assert row["misses"] == {"exact": [], "lowrank": [2]}
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps({"records": records}))
+    assert suite.main(["--seed-summary", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| heat | 0.01 | 0, 1, 2 |" in out and "| 1.00 | lowrank seed 2 |" in out
+    path.write_text("{}")
+    with pytest.raises(SystemExit):
+        suite.main(["--seed-summary", str(path)])
+    assert "not a pinn_suite results file" in capsys.readouterr().err
