@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..nn import STORAGES
+from ..nn.policies import build_storage, parse_key_values, storage_spec
 from .classify import MINIBATCH_OPTIONS, make_classifier, train_classifier
 from .loaders import DATASETS, load_dataset
 
@@ -38,37 +39,6 @@ BENCH_DEFAULTS = {
 }
 
 
-def _parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_key_values(text: str, where: str, example: str, what: str = "option") -> dict:
-    """{KEY: value} of a command-line spec "KEY=VALUE,KEY=VALUE" ("" gives {}).
-
-    Values are read as int, float, true/false, none, else strings. `where` names the spec in
-    errors (e.g. "--fourier 'features=16'"), `example` is a valid spec the error suggests.
-    """
-    kwargs = {}
-    for item in filter(None, text.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.isidentifier():
-            raise ValueError(f"{what} {item!r} in {where} is not KEY=VALUE; write e.g. {example}")
-        if key in kwargs:
-            raise ValueError(f"{what} {key!r} is given twice in {where}; give it once")
-        kwargs[key] = _parse_value(value)
-    return kwargs
-
-
 def parse_storage(spec, defaults=MINIBATCH_OPTIONS):
     """A policy from a command-line spec: "NAME" or "NAME:KEY=VALUE,KEY=VALUE".
 
@@ -80,19 +50,11 @@ def parse_storage(spec, defaults=MINIBATCH_OPTIONS):
     `pinnsketch solve` passes `defaults={}` (full-batch PINN training: the policies' own defaults).
     """
     if not isinstance(spec, str) or ":" not in spec:
-        if isinstance(spec, str) and spec not in STORAGES:
-            raise ValueError(f"unknown storage policy {spec!r}; choose one of {', '.join(STORAGES)}, "
-                             "optionally with options as NAME:KEY=VALUE,...")
+        if isinstance(spec, str):
+            storage_spec(spec)                       # the name is checked here, the policy built later
         return spec
-    name, _, options = spec.partition(":")
-    if name not in STORAGES:
-        raise ValueError(f"unknown storage policy {name!r} in {spec!r}; choose one of {', '.join(STORAGES)}")
-    kwargs = parse_key_values(options, repr(spec), f"{name}:rank=8", what="storage option")
-    kwargs = {**defaults.get(name, {}), **kwargs}      # the classifier's mini-batch defaults
-    try:
-        return STORAGES[name](**kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad options for storage {name!r} in {spec!r}: {err}") from err
+    name, kwargs = storage_spec(spec)
+    return build_storage(name, {**defaults.get(name, {}), **kwargs}, spec)   # the classifier's mini-batch defaults
 
 
 def _model_name(data, architecture, width, depth, activation) -> str:

@@ -41,6 +41,20 @@ def test_unknown_policy_lists_choices():
         MLP(2, 1, storage="lowrnk")
 
 
+def test_a_spec_with_options_builds_the_policy_everywhere_a_name_does():
+    policy = make_storage("lowrank:residual=int8,target=5e-3,rank=none")
+    assert isinstance(policy, LowRankStorage) and policy.bits == 8 and policy.target == 5e-3
+    assert policy.config() == {"residual": "int8", "target": 5e-3}
+    model = MLP(2, 1, width=8, depth=2, storage="ema:beta=0.5")
+    assert all(isinstance(s, EMAStorage) and s.beta == 0.5 for s in model.storages[1:])
+    with pytest.raises(ValueError, match=r"bad options for storage 'lowrank' in 'lowrank:bogus=1'.*bogus"):
+        make_storage("lowrank:bogus=1")
+    with pytest.raises(ValueError, match=r"'rank' in 'lowrank:rank' is not KEY=VALUE; write e.g. lowrank:rank=8"):
+        make_storage("lowrank:rank")
+    with pytest.raises(ValueError, match=r"unknown storage policy 'lowrnk' in 'lowrnk:rank=2'"):
+        make_storage("lowrnk:rank=2")
+
+
 def test_storage_list_length_checked():
     with pytest.raises(ValueError, match="4 blocks"):
         MLP(2, 1, width=4, depth=3, storage=["exact", "lowrank"])

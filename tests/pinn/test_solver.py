@@ -290,3 +290,13 @@ def test_lbfgs_stop_names_a_line_search_that_found_no_decrease():
     reason, detail = _lbfgs_reason(opt, options, state["func_evals"])
     assert reason == "step tolerance" and "tolerance_change=1e-15" in detail
     assert "no step that lowers the loss (t = 0)" in detail and "dtype='float64'" in detail
+
+
+def test_solve_takes_a_storage_spec_with_options_and_records_it():
+    result = pp.solve(Heat(), storage="lowrank:residual=int8,target=0.005", network=pp.Network(width=8, depth=2),
+                      points=pp.Points(domain=32, boundary=4, initial=4), adam=pp.Adam(steps=2),
+                      lbfgs=pp.LBFGS(steps=0), progress=False, eval_points=50)
+    assert result.config["storage"] == "lowrank:residual=int8,target=0.005"
+    assert [r["target"] for r in result.storage_report] == [0.005] * 3
+    with pytest.raises(ValueError, match="bad options for storage 'lowrank'"):
+        pp.solve(Heat(), storage="lowrank:bits=8", adam=pp.Adam(steps=1), lbfgs=pp.LBFGS(steps=0), progress=False)
