@@ -137,10 +137,11 @@ class AllenCahn(CachedReference, ps.Problem):
     # configuration for this problem also uses).
     # Measured on CPU, float32, one thread, seed 0 (benchmarks/README.md, "Problem library" and
     # "Ablation at the full default budget"): 4,000 Adam + 3,000 L-BFGS steps on 4,000 fixed points,
-    # relative L2 8.5e-4 under `exact` and 9.2e-4 under `lowrank`. Residual-based refinement (RAR),
+    # relative L2 8.5e-4 under `exact` and 9.2e-4 under `lowrank`; seed 1: 1.19e-3 under `exact` (a miss of
+    # the 1e-3 tolerance, as Burgers' seed 2) and 6.7e-4 under `lowrank`. Residual-based refinement (RAR),
     # the default until session 12, was worse under `exact` (1.12e-3); the previous network, a
     # 64 x 4 tanh MLP on 8,000 points with 5,000 + 5,000 steps, reached 3.6e-2 and 5.0e-2.
-    tolerance = 2e-3
+    tolerance = 1e-3
     solver_defaults = {
         "network": ps.Network(width=32, depth=2, architecture="pirate", fourier=ps.Fourier(features=32, scale=2.0),
                               periodic={"x": 2.0}, factorized=True),
