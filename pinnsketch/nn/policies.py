@@ -15,7 +15,7 @@ from .lowrank import LowRankStorage
 from .projection import ProjectionStorage
 from .storage import AbstractStorage, CheckpointStorage, ExactStorage
 
-__all__ = ["STORAGES", "make_storage", "make_storages", "parse_key_values", "storage_spec"]
+__all__ = ["STORAGES", "build_storage", "make_storage", "make_storages", "parse_key_values", "storage_spec"]
 
 #: Policy name -> class; `make_storage(name)` builds one with default options.
 STORAGES = MappingProxyType({
