@@ -91,7 +91,7 @@ def add_solve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="default float32")
     p.add_argument("--derivatives", default=None, choices=("jet", "autograd"),
-                   help="forward-mode jets (default) or nested autograd")
+                   help="forward-mode jets (default) or nested autograd (keeps every activation: storage exact)")
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="steps between error evaluations")
     p.add_argument("--out", default=None, metavar="FILE", help="write the run to FILE (HDF5)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -18,6 +18,7 @@ pre-activations once per call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,20 @@ from torch.autograd.function import once_differentiable
 
 from .activations import Activation, get_activation
 from .block import DenseBlock
+from .functional import plain_forward
 from .jet import Jet, JetSpec
 from .models import StorageArg, _BlockNetwork, _check_positive, _generator_and_seed, _init_for
 from .policies import make_storages
 from .storage import CheckpointStorage
 
 __all__ = ["ModifiedMLP", "PirateNet"]
+
+Dense = Callable[[DenseBlock, torch.Tensor, JetSpec], torch.Tensor]
+Op = Callable[..., torch.Tensor]
+
+
+def _call_block(block: DenseBlock, z: torch.Tensor, spec: JetSpec) -> torch.Tensor:
+    return block(z, spec)
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,8 @@ class _JetOp:
         if self.kind == "gate":
             a, b = (Jet(t, self.spec) for t in rest)
             return (b + g * (a - b)).streams
-        b, alpha = Jet(rest[0], self.spec), rest[1]
-        return (b + (g - b) * alpha).streams
+        b, alpha = rest
+        return b + (g.streams - b) * alpha          # linear in the streams: no jet product needed
 
 
 class _Recomputed(torch.autograd.Function):
@@ -110,24 +119,40 @@ class _GatedNetwork(_BlockNetwork):
     def _op(self, kind: str, spec: JetSpec, *tensors: torch.Tensor) -> torch.Tensor:
         return _Recomputed.apply(_JetOp(kind, self.activation, spec), *tensors)
 
-    def _layers(self, x: torch.Tensor, uv: tuple[torch.Tensor, torch.Tensor], spec: JetSpec) -> list:
-        """The hidden part as callables streams -> streams (one per checkpoint unit)."""
+    def _plain_op(self, kind: str, spec: JetSpec, *tensors: torch.Tensor) -> torch.Tensor:
+        return _JetOp(kind, self.activation, spec)(*tensors)
+
+    def _layers(self, uv: tuple[torch.Tensor, torch.Tensor], dense: Dense, op: Op) -> list:
+        """The hidden part as callables (streams, spec) -> streams (one per checkpoint unit).
+
+        dense(block, z, spec) applies a block, op(kind, spec, *tensors) a `_JetOp`: the fused
+        primitives in `_forward_streams`, plain torch ops in `plain_streams`.
+        """
         raise NotImplementedError
 
-    def _forward_streams(self, z: torch.Tensor, spec: JetSpec) -> torch.Tensor:
+    def _streams(self, z: torch.Tensor, spec: JetSpec, dense: Dense, op: Op) -> torch.Tensor:
         """Embedded input streams (S, N, e) -> output streams (S, N, out)."""
         blocks = list(self.blocks)
-        u = self._op("act", spec, blocks[0](z, spec))
-        v = self._op("act", spec, blocks[1](z, spec))
-        layers = self._layers(z, (u, v), spec)
-        if torch.is_grad_enabled() and all(isinstance(b.storage, CheckpointStorage) for b in blocks[2:-1]):
+        uv = op("act", spec, dense(blocks[0], z, spec)), op("act", spec, dense(blocks[1], z, spec))
+        layers = self._layers(uv, dense, op)
+        if (dense is _call_block and torch.is_grad_enabled()
+                and all(isinstance(b.storage, CheckpointStorage) for b in blocks[2:-1])):
             length = blocks[2].storage.segment_length(len(layers))
             for start in range(0, len(layers), length):
                 z = self._checkpoint_segment(layers[start:start + length], z, spec)
         else:
             for layer in layers:
                 z = layer(z, spec)
-        return blocks[-1](z, spec)
+        return dense(blocks[-1], z, spec)
+
+    def _forward_streams(self, z: torch.Tensor, spec: JetSpec) -> torch.Tensor:
+        """Through the blocks' storage policies, the gates in `_Recomputed`."""
+        return self._streams(z, spec, _call_block, self._op)
+
+    def plain_streams(self, z: torch.Tensor, spec: JetSpec, dense: Dense) -> torch.Tensor:
+        """The same map as plain autograd ops (`pinnsketch.nn.functional.plain_jet`): `dense(block,
+        z, spec)` applies a block without its policy, and the gates are ordinary ops."""
+        return self._streams(z, spec, dense, self._plain_op)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) -> (N, out), value only."""
@@ -141,6 +166,9 @@ class _GatedNetwork(_BlockNetwork):
         if spec.dim != self.in_features:
             raise ValueError(f"spec over {spec.dim} inputs does not match in_features={self.in_features}")
         return Jet(self._forward_streams(self._embed(Jet.input(x, spec).streams, spec), spec), spec)
+
+    #: x (N, in) -> (N, out) as plain torch ops, differentiable any number of times (`MLP.autograd_forward`).
+    autograd_forward = plain_forward
 
 
 class ModifiedMLP(_GatedNetwork):
@@ -168,11 +196,11 @@ class ModifiedMLP(_GatedNetwork):
     def _sizes(first, width, depth, out):
         return [(first, width), (first, width), (first, width), *[(width, width)] * (depth - 1), (width, out)]
 
-    def _layers(self, x, uv, spec):
+    def _layers(self, uv, dense, op):
         u, v = uv
 
         def layer(block):
-            return lambda h, spec: self._op("gate", spec, block(h, spec), u, v)
+            return lambda h, spec: op("gate", spec, dense(block, h, spec), u, v)
 
         return [layer(b) for b in list(self.blocks)[2:-1]]
 
@@ -211,7 +239,7 @@ class PirateNet(_GatedNetwork):
         return [(first, width), (first, width), *[(first, width), (width, width), (width, first)] * depth,
                 (first, out)]
 
-    def _layers(self, x, uv, spec):
+    def _layers(self, uv, dense, op):
         u, v = uv
         blocks = list(self.blocks)[2:-1]
 
@@ -219,9 +247,9 @@ class PirateNet(_GatedNetwork):
             b1, b2, b3 = blocks[3 * l:3 * l + 3]
 
             def run(x, spec):
-                z1 = self._op("gate", spec, b1(x, spec), u, v)
-                z2 = self._op("gate", spec, b2(z1, spec), u, v)
-                return self._op("residual", spec, b3(z2, spec), x, self.alpha[l:l + 1])
+                z1 = op("gate", spec, dense(b1, x, spec), u, v)
+                z2 = op("gate", spec, dense(b2, z1, spec), u, v)
+                return op("residual", spec, dense(b3, z2, spec), x, self.alpha[l:l + 1])
             return run
 
         return [layer(l) for l in range(self.depth)]

@@ -381,7 +381,9 @@ def compose_streams(z: torch.Tensor, derivs: Sequence[torch.Tensor], spec: JetSp
     d1 = derivs[1]
     higher = spec._higher_terms
     tracked = z.requires_grad or any(getattr(d, "requires_grad", False) for d in derivs[: spec.order + 1])
-    if tracked and torch.is_grad_enabled():
+    if (tracked and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        # (under torch.compile the out= writes below would break the graph; the compiler fuses
+        # the functional form anyway)
         return compose_terms_functional(z, derivs, spec)
     out = torch.empty(z.shape, dtype=torch.result_type(z, d1), device=z.device)
     zs, outs = z.unbind(0), out.unbind(0)

@@ -19,6 +19,7 @@ from .activations import get_activation
 from .block import DenseBlock, _factorization
 from .chain import ChainCall, ChainFunction, ChainStage
 from .embeddings import Embedding, periodic_axes
+from .functional import plain_forward
 from .jet import Jet, JetSpec
 from .memory import MemoryMeter
 from .policies import make_storages
@@ -246,6 +247,10 @@ class MLP(_BlockNetwork):
         if spec.dim != self.in_features:
             raise ValueError(f"spec over {spec.dim} inputs does not match in_features={self.in_features}")
         return Jet(self._run(self._embed(Jet.input(x, spec).streams, spec), spec), spec)
+
+    #: x (N, in) -> (N, out) as plain torch ops, differentiable any number of times (nested autograd,
+    #: `derivatives="autograd"`); the storage policies do not apply (`pinnsketch.nn.functional`).
+    autograd_forward = plain_forward
 
 
 class ResidualMLP(MLP):

@@ -44,7 +44,8 @@ __all__ = ["CompiledAdam", "CompiledLoss", "compile_reason"]
 def compile_reason(network: torch.nn.Module, objective: Objective) -> str | None:
     """None when the loss of this run can be compiled, else why it runs eagerly."""
     if not supports_plain_jet(network):
-        return f"the network is a {type(network).__name__}, not a pinnsketch MLP/ResidualMLP"
+        return (f"the network is a {type(network).__name__}, not a pinnsketch MLP, ResidualMLP, ModifiedMLP "
+                "or PirateNet")
     if not isinstance(objective.provider, JetDerivatives):
         return f"derivatives={objective.provider.name!r}; the compiled loss uses jets"
     if objective.causal is not None:

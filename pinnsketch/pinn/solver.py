@@ -77,7 +77,26 @@ def problem_defaults(problem: Problem) -> dict[str, Any]:
 
 def _resolve(problem: Problem, given: dict[str, Any]) -> dict[str, Any]:
     base = problem_defaults(problem)
-    return {k: given[k] if given.get(k) is not None else base[k] for k in DEFAULTS}
+    o = {k: given[k] if given.get(k) is not None else base[k] for k in DEFAULTS}
+    if o["derivatives"] == "autograd" and isinstance(o["network"], Network):
+        o["storage"] = _autograd_storage(given.get("storage"))
+    return o
+
+
+def _autograd_storage(explicit) -> str:
+    """A built network's storage under derivatives="autograd": "exact".
+
+    Nested autograd differentiates the network's plain forward (`autograd_forward`), which keeps
+    every activation; no storage policy applies, so asking for one is an error rather than a
+    policy that the run file would record but the run would not use.
+    """
+    from ..nn.storage import ExactStorage
+
+    if explicit is None or explicit == "exact" or isinstance(explicit, ExactStorage):
+        return "exact"
+    raise ValueError(f"storage={explicit!r} applies to jets; derivatives='autograd' differentiates the network's "
+                     "plain forward by nested autograd, which keeps every activation: pass derivatives='jet' "
+                     "to use the policy, or storage='exact'")
 
 
 def _device(device) -> torch.device:
@@ -748,13 +767,15 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
             Resumable; not with compile=True, multi-process runs, ps.Parameter or PointData.
         seed: int; the network, sampling and sketches all derive from it.
         dtype: "float32" | "float64"; device: "cpu" | "cuda" | "auto".
-        derivatives: "jet" (forward-mode jets) | "autograd" (nested autograd).
+        derivatives: "jet" (forward-mode jets) | "autograd" (nested autograd through the network's
+            plain forward, `autograd_forward`: every activation is kept, so a built network's
+            storage is "exact" and asking for another policy is an error).
         eval_every: steps between evaluations against the reference (and memory metering);
         eval_points: grid size when the reference is `exact` on the domain.
         progress: show a tqdm bar (only on a terminal).
         callbacks: ps.Callback objects; resume: a TrainingState.state_dict() to continue.
-        compile: run the loss through torch.compile (storage="exact" with a pinnsketch
-            MLP/ResidualMLP and jets; other set-ups run eagerly with a warning, and so does a
+        compile: run the loss through torch.compile (storage="exact" with a network the solver
+            builds, any architecture, and jets; other set-ups run eagerly with a warning, and so does a
             failed compilation). On the CPU an Adam iteration is then one compiled call (loss,
             gradient and torch's Adam update; `compiled.CompiledAdam`). The compilation is timed as
             result.timing["compile_s"], outside the step times.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pinnsketch as ps
-from pinnsketch.nn import MLP, JetSpec, ResidualMLP
+from pinnsketch.nn import MLP, JetSpec, ModifiedMLP, PirateNet, ResidualMLP
 from pinnsketch.nn.functional import plain_jet
 from pinnsketch.pinn.compiled import CompiledLoss
 from pinnsketch.pinn.solver import _resolve, _Run
@@ -26,12 +26,14 @@ class Burgers(ps.Problem):
         return u.t + u * u.x - self.nu * u.xx
 
 
-@pytest.mark.parametrize("cls", [MLP, ResidualMLP])
+@pytest.mark.parametrize("cls", [MLP, ResidualMLP, ModifiedMLP, PirateNet])
 def test_plain_jet_matches_model_jet_float64(cls):
     model = cls(2, 2, width=8, depth=2, activation="tanh", storage="exact", seed=3, dtype=torch.float64)
-    with torch.no_grad():  # nonzero biases, so a misplaced bias would show
+    with torch.no_grad():  # nonzero biases (and PirateNet's skip weights), so a misplaced term would show
         for block in model.blocks:
             block.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        if cls is PirateNet:
+            model.alpha.fill_(0.4)
     x = torch.rand(17, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     spec = JetSpec(2, [(0, 0, 0), (0, 1), (1, 1)])
     want = model.jet(x, spec).streams
@@ -45,12 +47,12 @@ def test_plain_jet_matches_model_jet_float64(cls):
 
 
 def test_plain_jet_rejects_other_networks():
-    with pytest.raises(TypeError, match="MLP and ResidualMLP"):
+    with pytest.raises(TypeError, match="MLP, ResidualMLP, ModifiedMLP and PirateNet"):
         plain_jet(torch.nn.Linear(2, 1), torch.zeros(3, 2), JetSpec(2))
 
 
-def _run(compile_, dtype="float32"):
-    o = _resolve(Burgers(), dict(storage="exact", network=ps.Network(width=8, depth=2),
+def _run(compile_, dtype="float32", network=None):
+    o = _resolve(Burgers(), dict(storage="exact", network=network or ps.Network(width=8, depth=2),
                                  points=ps.Points(domain=64, boundary=16, initial=16), seed=0, dtype=dtype,
                                  device="cpu", adam=ps.Adam(steps=1), lbfgs=ps.LBFGS(steps=0)))
     return _Run(Burgers(), o, "exact", (), False, compile_)
@@ -64,9 +66,9 @@ def _loss_and_grads(run, source):
     return terms.detach().clone(), [p.grad.clone() for p in run.params]
 
 
-def _compiled_run(backend, dtype="float32"):
+def _compiled_run(backend, dtype="float32", network=None):
     torch._dynamo.reset()
-    run = _run(True, dtype)
+    run = _run(True, dtype, network)
     assert isinstance(run.loss_source, CompiledLoss)
     run.loss_source = CompiledLoss(run.objective, run.params, run.device, backend=backend)
     run.loss_source.prepare()
@@ -98,6 +100,17 @@ def test_compiled_matches_eager_and_survives_new_point_counts(backend):
     _check_agreement(run)
     assert len(run.objective.x_all) == 64 + 10 + 32
     assert counters["stats"]["unique_graphs"] == frames, "a new point count recompiled"
+
+
+def test_compiled_gated_network_matches_eager():
+    """PirateNet (the allen_cahn defaults' architecture) with Fourier features, a periodic axis and
+    factorized weights compiles too: its gates are plain ops in `plain_jet`."""
+    network = ps.Network(width=8, depth=1, architecture="pirate", fourier=ps.Fourier(features=4),
+                         periodic={"x": 2.0}, factorized=True)
+    run = _compiled_run("aot_eager", network=network)
+    with torch.no_grad():
+        run.network.alpha.fill_(0.5)     # the gated blocks join in (alpha = 0 at initialization)
+    _check_agreement(run)
 
 
 def test_compile_falls_back_eagerly_without_a_compiler(tmp_path):

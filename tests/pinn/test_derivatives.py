@@ -73,14 +73,40 @@ def test_pinnsketch_mlp_jets_match_nested_autograd():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
 
 
-def test_autograd_refuses_first_order_fused_models():
-    from pinnsketch.nn.models import MLP
+ARCHITECTURES = [
+    ("MLP", {}),
+    ("ResidualMLP", {"fourier": {"features": 4, "scale": 1.0}}),
+    ("ModifiedMLP", {"factorized": (1.0, 0.1)}),
+    ("PirateNet", {"fourier": {"features": 4, "scale": 1.0}, "periodic": {1: 2.0}, "factorized": (1.0, 0.1)}),
+]
 
-    mlp = MLP(2, 1, width=8, depth=1, storage="exact", seed=0)
-    if hasattr(mlp, "autograd_forward"):
-        pytest.skip("the model offers a twice-differentiable forward")
+
+@pytest.mark.parametrize("name,options", ARCHITECTURES, ids=[a for a, _ in ARCHITECTURES])
+def test_built_networks_offer_nested_autograd_that_matches_their_jets(name, options):
+    """derivatives="autograd" differentiates `autograd_forward` (plain ops) of every architecture the
+    solver builds: up to fourth and mixed derivatives, and the parameters' gradients, as the jets."""
+    import pinnsketch.nn as pn
+
+    model = getattr(pn, name)(3, 2, width=8, depth=2, storage="exact", seed=0, dtype=torch.float64, **options)
+    with torch.no_grad():  # nonzero biases and skip weights, so a misplaced term would show
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    x = torch.rand(9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    jets = JetDerivatives()(model, x, SPEC).streams
+    nested = AutogradDerivatives()(model, x, SPEC).streams
+    torch.testing.assert_close(nested, jets, rtol=1e-10, atol=1e-10)
+    ga = torch.autograd.grad(jets.square().sum(), list(model.parameters()))
+    gb = torch.autograd.grad(nested.square().sum(), list(model.parameters()))
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-9)
+
+
+def test_autograd_refuses_first_order_fused_models():
+    from pinnsketch.nn.models import CNN
+
+    cnn = CNN(storage="exact")          # its blocks' backward is first order, and it has no plain forward
     with pytest.raises(TypeError, match="derivatives='jet'"):
-        AutogradDerivatives()(mlp, torch.rand(4, 2), JetSpec(2, [(0, 0)]))
+        AutogradDerivatives()(cnn, torch.rand(4, 2), JetSpec(2, [(0, 0)]))
 
 
 def test_provider_names():

@@ -221,6 +221,26 @@ def test_autograd_fallback_matches_jets_on_the_same_weights():
     np.testing.assert_allclose(hist["jet"]["loss"], hist["autograd"]["loss"], rtol=1e-10)
 
 
+@pytest.mark.parametrize("architecture", ["mlp", "pirate"])
+def test_autograd_on_a_built_network_trains_like_exact_jets(architecture):
+    """derivatives="autograd" with the network the solver builds: its plain forward under nested
+    autograd, storage "exact" (what it keeps), and the same training as exact jets."""
+    runs = {}
+    for derivatives in ("jet", "autograd"):
+        runs[derivatives] = pp.solve(Heat(), network=pp.Network(width=8, depth=2, architecture=architecture),
+                                     storage="exact" if derivatives == "jet" else None, derivatives=derivatives,
+                                     dtype="float64", adam=pp.Adam(steps=4), lbfgs=pp.LBFGS(steps=2), seed=0,
+                                     points=pp.Points(domain=30, boundary=6, initial=6), progress=False)
+    assert runs["autograd"].config["storage"] == "exact"
+    assert runs["autograd"].config["derivatives"] == "autograd"
+    np.testing.assert_allclose(runs["autograd"].history["loss"], runs["jet"].history["loss"], rtol=1e-9)
+
+
+def test_autograd_refuses_a_storage_policy_it_would_not_use():
+    with pytest.raises(ValueError, match="storage='lowrank' applies to jets.*derivatives='jet'"):
+        losses(**{**SMALL, "derivatives": "autograd", "storage": "lowrank"})
+
+
 def test_save_writes_a_file(tmp_path):
     r = losses()
     path = pinnsketch.save(r, tmp_path / "run.h5")
