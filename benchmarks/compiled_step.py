@@ -55,14 +55,15 @@ def options(storage: str, steps: int, seed: int) -> dict:
 
 
 class PinnStepper:
-    """The solver's Adam step on a `_Run` (loss source: eager objective or compiled loss)."""
+    """The solver's Adam step on a `_Run` of `problem` with solve() keyword arguments `given`
+    (loss source: eager objective or compiled loss)."""
 
-    def __init__(self, storage: str, compile_: bool, seed: int):
+    def __init__(self, problem, given: dict, compile_: bool):
         from pinnsketch.pinn.solver import _check_options, _resolve, _Run
 
-        o = _resolve(burgers(), options(storage, 1, seed))
+        o = _resolve(problem, given)
         _check_options(o)
-        self.run = _Run(burgers(), o, storage, (), False, compile_)
+        self.run = _Run(problem, o, given.get("storage"), (), False, compile_)
         self.opt = o["adam"].build(self.run.params)
         t0 = time.perf_counter()
         sources = [s for s in (self.run.loss_source, self.run.adam_step) if callable(getattr(s, "prepare", None))]
@@ -132,9 +133,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from pinnsketch.data.bench import cpu_model, git_commit
 
-    variants = {"eager_exact": PinnStepper("exact", False, opts.seed),
-                "compiled_exact": PinnStepper("exact", True, opts.seed),
-                "eager_lowrank": PinnStepper("lowrank", False, opts.seed)}
+    variants = {"eager_exact": PinnStepper(burgers(), options("exact", 1, opts.seed), False),
+                "compiled_exact": PinnStepper(burgers(), options("exact", 1, opts.seed), True),
+                "eager_lowrank": PinnStepper(burgers(), options("lowrank", 1, opts.seed), False)}
     spec = variants["eager_exact"].run.objective.spec
     variants["matmul_floor"] = FloorStepper(spec.size, 2540 + 80 + 160, [2, 20, 20, 20, 1])
     try:

@@ -28,6 +28,7 @@ been measured on a GPU.
 from __future__ import annotations
 
 import time
+import types
 import warnings
 
 import torch
@@ -57,6 +58,20 @@ def compile_reason(network: torch.nn.Module, objective: Objective) -> str | None
     return None
 
 
+def _own_code(method):
+    """`method` (bound) with a code object of its own.
+
+    torch.compile keeps its compiled variants per code object and, after `recompile_limit` of them
+    (8), runs that code eagerly through its guards, slower than plain eager and silently. Every run
+    compiles a loss for its own problem, network and point sets, so with a shared code object the
+    ninth `solve(compile=True)` of a process would fall back; a copy per run gives each its own
+    variants, freed with the run (inductor's on-disk cache still shortens a repeated compilation).
+    """
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, method.__self__)
+
+
 class CompiledLoss:
     """`objective.terms()` through a compiled plain-torch loss, with an eager fallback.
 
@@ -71,7 +86,7 @@ class CompiledLoss:
                  backend: str = "inductor"):
         self.objective, self.params = objective, params
         self.mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-        self._compiled = torch.compile(self._terms, backend=backend, mode=self.mode)
+        self._compiled = torch.compile(_own_code(self._terms), backend=backend, mode=self.mode)
         self.active = True
         self.compiled = False
         self.compile_s = 0.0
@@ -173,7 +188,7 @@ class CompiledAdam:
             return torch.func.functional_call(module, dict(zip(names, params)), (parts, extras, weights))
 
         self._grad = torch.func.grad_and_value(weighted, has_aux=True)
-        self._compiled = torch.compile(self._iterate, backend=backend)
+        self._compiled = torch.compile(_own_code(self._iterate), backend=backend)
         self._betas = tuple(float(b) for b in adam_betas)
         first = self.params[0]
         self._lr = torch.zeros((), dtype=first.dtype, device=first.device)

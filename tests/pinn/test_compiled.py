@@ -113,6 +113,21 @@ def test_compiled_gated_network_matches_eager():
     _check_agreement(run)
 
 
+def test_every_run_of_a_process_gets_its_own_compiled_code():
+    """torch.compile keeps 8 variants per code object and then runs that code eagerly through its
+    guards; a tenth compiled run in one process must still compile (here: ten network widths)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    for width in range(2, 12):
+        run = _run(True, network=ps.Network(width=width, depth=1))
+        run.loss_source = CompiledLoss(run.objective, run.params, run.device, backend="aot_eager")
+        before = counters["stats"]["unique_graphs"]
+        run.loss_source.prepare()
+        assert run.loss_source.active
+        assert counters["stats"]["unique_graphs"] > before, f"run {width - 1} did not compile"
+
+
 def test_compile_falls_back_eagerly_without_a_compiler(tmp_path):
     script = textwrap.dedent("""
         import math, warnings, torch, pinnsketch as ps
