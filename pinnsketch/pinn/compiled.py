@@ -23,10 +23,17 @@ L-BFGS phase, the metered steps and the loss-balancing steps use the compiled
 loss. On CUDA the loss-only function under CUDA graphs is kept: the one-call
 step mutates its inputs, which CUDA graphs handle differently, and it has not
 been measured on a GPU.
+
+Whether compiling pays depends on the network, the points and the machine: on
+one CPU the compiled step of allen_cahn's PirateNet took 0.3x the eager step's
+time and that of kovasznay's 96-wide MLP 1.25x (`benchmarks/compiled_library.py`).
+So the run measures it (`CompileChoice`): its first Adam steps alternate
+compiled and eager blocks, and the rest of the run keeps the faster.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import types
 import warnings
@@ -39,7 +46,7 @@ from ..nn.storage import ExactStorage
 from .derivatives import JetDerivatives, _apply_transform
 from .objective import Objective
 
-__all__ = ["CompiledAdam", "CompiledLoss", "compile_reason"]
+__all__ = ["CompiledAdam", "CompiledLoss", "CompileChoice", "compile_reason"]
 
 
 def compile_reason(network: torch.nn.Module, objective: Objective) -> str | None:
@@ -271,3 +278,38 @@ class CompiledAdam:
         group = optimizer.param_groups[0]
         return self._run(*self._state(optimizer), group["lr"], True, group["betas"], group["eps"],
                          group["weight_decay"])
+
+
+class CompileChoice:
+    """Compiled or eager, decided by timing both on this machine at the start of the Adam phase.
+
+    The first `rounds` x 2 blocks of `block` measured Adam steps alternate: a compiled block, an
+    eager block, ... (`mode()` says which for the next step, `record(mode, seconds)` takes its
+    time). Then `chosen` is "eager" when the eager steps' median time is below (1 - `margin`)
+    times the compiled steps' median, else "compiled"; both steps train the same loss, so the
+    alternation costs nothing but time.
+    """
+
+    def __init__(self, rounds: int = 3, block: int = 4, margin: float = 0.05):
+        self.rounds, self.block, self.margin = rounds, block, margin
+        self.seconds: dict[str, list[float]] = {"compiled": [], "eager": []}
+        self.chosen: str | None = None
+
+    def mode(self) -> str:
+        """The mode of the next step: the chosen one, or the measuring block's."""
+        if self.chosen is not None:
+            return self.chosen
+        done = len(self.seconds["compiled"]) + len(self.seconds["eager"])
+        return ("compiled", "eager")[(done // self.block) % 2]
+
+    def record(self, mode: str, seconds: float) -> None:
+        self.seconds[mode].append(seconds)
+        if self.chosen is None and min(len(v) for v in self.seconds.values()) >= self.rounds * self.block:
+            compiled, eager = (statistics.median(self.seconds[k]) for k in ("compiled", "eager"))
+            self.chosen = "eager" if eager < (1 - self.margin) * compiled else "compiled"
+
+    def timing(self) -> dict[str, float]:
+        """Median ms per step of each mode while measuring (empty before a decision)."""
+        if self.chosen is None:
+            return {}
+        return {f"{k}_ms_per_step_measured": 1e3 * statistics.median(v) for k, v in self.seconds.items()}

@@ -303,6 +303,8 @@ class _Run:
             self.objective.shard = self.dist.shard_sets  # each rank evaluates its own rows of every set
         self.loss_source = self._loss_source(compile)
         self.adam_step = self._compiled_adam()
+        self._compiled = (self.loss_source, self.adam_step)
+        self.compile_choice = self._compile_choice()
         self._names = ["loss", *self.objective.term_names]  # labels of a step's values in error messages
 
     def _run_terms(self) -> list[str]:
@@ -414,6 +416,36 @@ class _Run:
         if len(self.params) != len(list(self.network.parameters())):
             return None
         return CompiledAdam(source, adam.betas)
+
+    def _compile_choice(self):
+        """Timing compiled against eager steps (`compiled.CompileChoice`) for a compiled loss of one process
+        (a multi-process run keeps the compiled loss: ranks choosing differently would wait on each other)."""
+        from .compiled import CompileChoice, CompiledLoss
+
+        if not isinstance(self.loss_source, CompiledLoss) or self.dist is not None or self.o["adam"].steps == 0:
+            return None
+        return CompileChoice()
+
+    def _use(self, mode: str) -> None:
+        """Run the next steps compiled or eagerly (the objective itself; no one-call Adam step)."""
+        self.loss_source, self.adam_step = self._compiled if mode == "compiled" else (self.objective, None)
+
+    def _adam_step(self, opt: torch.optim.Optimizer, lr: float) -> StepRecord:
+        """One Adam step; while `compile_choice` measures, alternately compiled and eager."""
+        choice = self.compile_choice
+        if choice is None or choice.chosen is not None or self._metered() or self._balance_now:
+            return self._step(opt, "adam", lr)
+        mode = choice.mode()
+        self._use(mode)
+        record = self._step(opt, "adam", lr)
+        choice.record(mode, record.seconds)
+        self._use(choice.mode())
+        if choice.chosen == "eager":
+            t = choice.timing()
+            warnings.warn(f"solve(compile=True) continues eagerly: here the eager step took "
+                          f"{t['eager_ms_per_step_measured']:.3g} ms against the compiled step's "
+                          f"{t['compiled_ms_per_step_measured']:.3g} ms", RuntimeWarning, stacklevel=2)
+        return record
 
     def _fused(self, opt: torch.optim.Optimizer, phase: str) -> bool:
         """Whether this step runs as one compiled Adam iteration: not on the steps that meter memory or
@@ -558,7 +590,7 @@ class _Run:
             for group in opt.param_groups:
                 group["lr"] = lr
             self._balance_now = balance is not None and step % balance.every == 0
-            self._finish_step("adam", self._step(opt, "adam", lr), lr)
+            self._finish_step("adam", self._adam_step(opt, lr), lr)
 
     def lbfgs(self) -> None:
         lbfgs, st = self.o["lbfgs"], self.state
@@ -666,10 +698,12 @@ class _Run:
             st.saved_bytes_peak = max((v for v in saved if v is not None), default=None)
             st.step_peak_bytes = max((v for v in peak if v is not None), default=None)
         timing: dict[str, float] = {"total_s": st.wall_time_s}
-        compiled = [getattr(s, "compile_s", None) for s in (self.loss_source, self.adam_step)]
+        compiled = [getattr(s, "compile_s", None) for s in self._compiled]
         if any(c is not None for c in compiled):
             # the compilations before the first step, not in any step's time
             timing["compile_s"] = sum(c for c in compiled if c is not None)
+        if self.compile_choice is not None:
+            timing.update(self.compile_choice.timing())
         iterations = [b - a for a, b in zip([0, *h["step"][:-1]], h["step"])]
         for phase in ("adam", "lbfgs"):
             rows = [(t, n) for t, n, p in zip(h["step_time_s"], iterations, h["phase"]) if p == phase]
@@ -778,7 +812,10 @@ def solve(problem: Problem, *, network: Network | torch.nn.Module | None = None,
             builds, any architecture, and jets; other set-ups run eagerly with a warning, and so does a
             failed compilation). On the CPU an Adam iteration is then one compiled call (loss,
             gradient and torch's Adam update; `compiled.CompiledAdam`). The compilation is timed as
-            result.timing["compile_s"], outside the step times.
+            result.timing["compile_s"], outside the step times. The first Adam steps alternate
+            compiled and eager blocks, and the run keeps the faster on this machine
+            (`compiled.CompileChoice`; result.timing["compiled_ms_per_step_measured"] and
+            ["eager_ms_per_step_measured"]; a warning says when it continues eagerly).
         distributed: None (default): when launched by torchrun as one of several processes,
             train as one rank of a process group (points sharded, loss and gradients
             all-reduced: the objective is the single-process one; see `pinnsketch.distributed`);

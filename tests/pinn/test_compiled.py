@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -320,3 +322,70 @@ def test_cli_compile_with_exact_storage_runs_compiled(tmp_path):
 
     run = load(out)
     assert run.completed and run.steps == 5 and run.storage == "exact"
+
+
+def test_compile_choice_alternates_blocks_then_keeps_the_faster():
+    from pinnsketch.pinn.compiled import CompileChoice
+
+    choice = CompileChoice(rounds=2, block=2, margin=0.05)
+    modes = []
+    for _ in range(8):
+        mode = choice.mode()
+        modes.append(mode)
+        choice.record(mode, 0.010 if mode == "compiled" else 0.004)
+    assert modes == ["compiled", "compiled", "eager", "eager"] * 2
+    assert choice.chosen == "eager" and choice.mode() == "eager"
+    assert choice.timing() == pytest.approx({"compiled_ms_per_step_measured": 10.0, "eager_ms_per_step_measured": 4.0})
+    close = CompileChoice(rounds=1, block=1, margin=0.05)
+    close.record("compiled", 0.010)
+    close.record("eager", 0.0097)        # within the margin: the compiled step stays
+    assert close.chosen == "compiled"
+
+
+def _solve_with_slow_compiled_steps(delay: float, adam_steps: int, compile_: bool = True):
+    """solve(compile=True) through aot_eager, each compiled Adam iteration `delay` seconds slower."""
+    import time as _time
+
+    import pinnsketch.pinn.compiled as compiled
+
+    calls = []
+
+    class Slow(compiled.CompiledAdam):
+        def __init__(self, loss, betas, backend="inductor"):
+            super().__init__(loss, betas, backend="aot_eager")
+
+        def step(self, optimizer):
+            calls.append(1)
+            _time.sleep(delay)
+            return super().step(optimizer)
+
+    class AotLoss(compiled.CompiledLoss):
+        def __init__(self, objective, params, device, backend="inductor"):
+            super().__init__(objective, params, device, backend="aot_eager")
+
+    torch._dynamo.reset()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(compiled, "CompiledAdam", Slow)
+    mp.setattr(compiled, "CompiledLoss", AotLoss)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = ps.solve(Burgers(), storage="exact", network=ps.Network(width=8, depth=2), compile=compile_,
+                         points=ps.Points(domain=64, boundary=16, initial=16), adam=ps.Adam(steps=adam_steps),
+                         lbfgs=ps.LBFGS(steps=0), progress=False, device="cpu", eval_every=10**6, seed=0)
+    finally:
+        mp.undo()
+    return r, len(calls), [str(w.message) for w in caught if "continues eagerly" in str(w.message)]
+
+
+def test_solve_keeps_eager_steps_when_the_compiled_ones_are_slower_here():
+    r, calls, notes = _solve_with_slow_compiled_steps(0.05, adam_steps=40)
+    assert calls == 12                                   # three compiled blocks of four while measuring
+    assert r.timing["compiled_ms_per_step_measured"] > r.timing["eager_ms_per_step_measured"] + 40
+    assert len(notes) == 1 and "eager step took" in notes[0]
+    # compiled and eager steps share the optimizer's state: the run trains as an eager one
+    eager = ps.solve(Burgers(), storage="exact", network=ps.Network(width=8, depth=2),
+                     points=ps.Points(domain=64, boundary=16, initial=16), adam=ps.Adam(steps=40),
+                     lbfgs=ps.LBFGS(steps=0), progress=False, device="cpu", eval_every=10**6, seed=0)
+    np.testing.assert_allclose(r.history["loss"], eager.history["loss"], rtol=2e-4)
+
