@@ -41,12 +41,12 @@ def measure(name: str, rounds: int, chunk: int, warmup: int, seed: int) -> dict:
 
     from pinnsketch import problems
 
-    problem = problems.get(name)
     given = dict(storage="exact", seed=seed, device="cpu", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # torch's deprecation notices while compiling
-        eager = PinnStepper(problem, given, False)
-        compiled = PinnStepper(problem, given, True)
+        # one problem instance per run: a run binds the problem's trainable coefficients to its own
+        eager = PinnStepper(problems.get(name), given, False)
+        compiled = PinnStepper(problems.get(name), given, True)
     if compiled.fused is None and compiled.run.loss_source is compiled.run.objective:
         raise RuntimeError(f"{name}: the compiled run fell back to eager; nothing to compare")
     cpu = {"eager": [], "compiled": []}
