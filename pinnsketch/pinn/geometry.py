@@ -391,7 +391,12 @@ class _CSG(Geometry):
         # with A's boundary in A - B (outside the closed difference), and the faces where A and B touch
         # in A | B (inside the union). The subclass keeps only points with an outside and an inside
         # neighbour, drawing more until it has n.
+        # Its interior sampling redraws until it has n points, and a quasi-random sampler redraws the
+        # same set: duplicated points (a quarter of an L-shape's), and no end when none of it is inside.
         exact = type(f"Exact{base.__name__}", (base,), {
+            "random_points": lambda g, n, random="pseudo": (
+                base.random_points(g, n, random=random) if random == "pseudo"
+                else _quasi_random_interior(g, n, lambda m: dde.geometry.sampler.sample(m, g.dim, random))),
             "random_boundary_points": lambda g, n, random="pseudo": _true_boundary(
                 g, n, lambda m: base.random_boundary_points(g, m, random=random)),
             "uniform_boundary_points": lambda g, n: _true_boundary(
@@ -401,6 +406,24 @@ class _CSG(Geometry):
 
     def __repr__(self) -> str:
         return f"({self.a!r} {self._symbol} {self.b!r})"
+
+
+def _quasi_random_interior(geom, n: int, unit) -> np.ndarray:
+    """n distinct interior points (n, dim) of `geom` from a quasi-random set: unit(m) draws m points
+    of [0, 1]^dim, mapped onto the bounding box; m grows until just over n of them are inside (and
+    not on the boundary), and the few extra are dropped at random (numpy's global RNG, which
+    `_deepxde_session` seeds). Neither a prefix nor an even stride of the set would do: Hammersley's
+    first coordinate is i/m, and a stride of a Sobol' sequence stays in a few of its boxes."""
+    lo, hi = (np.asarray(b, dtype=np.float64) for b in geom.bbox)
+    m = n
+    for _ in range(12):
+        x = lo + np.asarray(unit(m), dtype=np.float64).reshape(m, geom.dim) * (hi - lo)
+        x = x[np.asarray(geom.inside(x), dtype=bool) & ~np.asarray(geom.on_boundary(x), dtype=bool)]
+        if len(x) >= n:
+            return x[np.sort(np.random.choice(len(x), n, replace=False))]
+        m = min(16 * m, max(m + 1, int(np.ceil(1.02 * m * n / max(len(x), 1)))))
+    raise ValueError(f"could not sample {n} interior points of {geom!r}: too few of the drawn points lie "
+                     "inside it; is the domain empty or thinner than its bounding box suggests?")
 
 
 def _true_boundary(geom, n: int, draw, exact_count: bool = True) -> np.ndarray:

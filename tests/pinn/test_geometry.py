@@ -118,3 +118,21 @@ def test_union_boundary_points_skip_the_faces_where_the_parts_touch():
     ring = G.Disk((0, 0), 1) - G.Disk((0, 0), 0.5)                  # curved edges keep every point
     r = np.linalg.norm(ring.sample_boundary(500, generator=torch.Generator().manual_seed(0)), axis=1)
     assert (np.isclose(r, 1) | np.isclose(r, 0.5)).all() and 0.1 < np.isclose(r, 0.5).mean() < 0.6
+
+
+@pytest.mark.parametrize("sampler", ["hammersley", "halton", "sobol", "lhs", "random"])
+def test_csg_interior_points_are_distinct_and_inside(sampler):
+    """deepxde redraws a CSG interior until it has n points; a quasi-random sampler redraws the same
+    set, so a quarter of an L-shape's points were duplicates, and n = 1 never ended (the one point
+    falls in the removed quadrant)."""
+    for n in (1, 3, 500):
+        x = L_SHAPE.sample_domain(n, sampler=sampler, generator=gen())
+        assert x.shape == (n, 2) and len(np.unique(x, axis=0)) == n
+        assert L_SHAPE.inside(x).all() and not ((x[:, 0] > 0) & (x[:, 1] > 0)).any()
+    x = L_SHAPE.sample_domain(3000, sampler=sampler, generator=gen())
+    quadrants = [((x[:, 0] < 0) & (x[:, 1] < 0)).mean(), ((x[:, 0] < 0) & (x[:, 1] > 0)).mean(),
+                 ((x[:, 0] > 0) & (x[:, 1] < 0)).mean()]
+    assert np.allclose(quadrants, 1 / 3, atol=0.03)                # spread over the whole L
+    union = (G.Disk((0, 0), 1) | G.Rectangle((0.5, -0.2), (2, 0.2))) * G.TimeDomain(0, 1)
+    y = union.sample_domain(400, sampler=sampler, generator=gen())
+    assert y.shape == (400, 3) and len(np.unique(y, axis=0)) == 400
