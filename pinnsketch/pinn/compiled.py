@@ -25,8 +25,8 @@ step mutates its inputs, which CUDA graphs handle differently, and it has not
 been measured on a GPU.
 
 Whether compiling pays depends on the network, the points and the machine: on
-one CPU the compiled step of allen_cahn's PirateNet took 0.3x the eager step's
-time and that of kovasznay's 96-wide MLP 1.25x (`benchmarks/compiled_library.py`).
+one CPU the compiled step of allen_cahn's PirateNet took 0.30x the eager step's
+time and that of kovasznay's 96-wide MLP 1.15x (`benchmarks/compiled_library.py`).
 So the run measures it (`CompileChoice`): its first Adam steps alternate
 compiled and eager blocks, and the rest of the run keeps the faster.
 """
