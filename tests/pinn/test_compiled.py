@@ -260,34 +260,9 @@ def test_compiled_adam_applies_only_to_plain_adam_over_the_network():
 def test_solve_compiled_uses_the_one_call_adam_step_on_cpu():
     """solve(compile=True) on the CPU runs its unmetered Adam steps as one compiled call and reports
     both compilations in compile_s (aot_eager: the wiring, not inductor's code)."""
-    import pinnsketch.pinn.compiled as compiled
-
-    calls = []
-
-    class Counting(compiled.CompiledAdam):
-        def __init__(self, loss, betas, backend="inductor"):
-            super().__init__(loss, betas, backend="aot_eager")
-
-        def step(self, optimizer):
-            calls.append(1)
-            return super().step(optimizer)
-
-    class AotLoss(compiled.CompiledLoss):
-        def __init__(self, objective, params, device, backend="inductor"):
-            super().__init__(objective, params, device, backend="aot_eager")
-
-    torch._dynamo.reset()
-    mp = pytest.MonkeyPatch()
-    mp.setattr(compiled, "CompiledAdam", Counting)
-    mp.setattr(compiled, "CompiledLoss", AotLoss)
-    try:
-        r = ps.solve(Burgers(), storage="exact", network=ps.Network(width=8, depth=2), compile=True,
-                     points=ps.Points(domain=64, boundary=16, initial=16), adam=ps.Adam(steps=6),
-                     lbfgs=ps.LBFGS(steps=2), progress=False, device="cpu", eval_every=3)
-    finally:
-        mp.undo()
+    r, calls, _ = _solve_through_aot_eager(adam=ps.Adam(steps=6), lbfgs=ps.LBFGS(steps=2), eval_every=3)
     assert r.timing["adam_steps"] == 6
-    assert len(calls) == 3  # steps 1, 3, 4: step 0 and the steps that end at an evaluation (2, 5) are metered
+    assert calls == 3  # steps 1, 3, 4: step 0 and the steps that end at an evaluation (2, 5) are metered
     assert r.timing["compile_s"] > 0
     losses = r.history["loss"]
     assert len(losses) > 6 and all(math.isfinite(v) for v in losses)  # 6 Adam steps, then L-BFGS
@@ -342,15 +317,17 @@ def test_compile_choice_alternates_blocks_then_keeps_the_faster():
     assert close.chosen == "compiled"
 
 
-def _solve_with_slow_compiled_steps(delay: float, adam_steps: int, compile_: bool = True):
-    """solve(compile=True) through aot_eager, each compiled Adam iteration `delay` seconds slower."""
+def _solve_through_aot_eager(delay: float = 0.0, **kwargs):
+    """solve(compile=True) of the small Burgers problem with aot_eager in place of inductor, each
+    one-call Adam iteration `delay` seconds slower; (result, compiled Adam calls, "continues eagerly"
+    warnings)."""
     import time as _time
 
     import pinnsketch.pinn.compiled as compiled
 
     calls = []
 
-    class Slow(compiled.CompiledAdam):
+    class Counting(compiled.CompiledAdam):
         def __init__(self, loss, betas, backend="inductor"):
             super().__init__(loss, betas, backend="aot_eager")
 
@@ -365,21 +342,22 @@ def _solve_with_slow_compiled_steps(delay: float, adam_steps: int, compile_: boo
 
     torch._dynamo.reset()
     mp = pytest.MonkeyPatch()
-    mp.setattr(compiled, "CompiledAdam", Slow)
+    mp.setattr(compiled, "CompiledAdam", Counting)
     mp.setattr(compiled, "CompiledLoss", AotLoss)
+    options = dict(storage="exact", network=ps.Network(width=8, depth=2), progress=False, device="cpu", seed=0,
+                   points=ps.Points(domain=64, boundary=16, initial=16))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            r = ps.solve(Burgers(), storage="exact", network=ps.Network(width=8, depth=2), compile=compile_,
-                         points=ps.Points(domain=64, boundary=16, initial=16), adam=ps.Adam(steps=adam_steps),
-                         lbfgs=ps.LBFGS(steps=0), progress=False, device="cpu", eval_every=10**6, seed=0)
+            r = ps.solve(Burgers(), compile=True, **{**options, **kwargs})
     finally:
         mp.undo()
     return r, len(calls), [str(w.message) for w in caught if "continues eagerly" in str(w.message)]
 
 
 def test_solve_keeps_eager_steps_when_the_compiled_ones_are_slower_here():
-    r, calls, notes = _solve_with_slow_compiled_steps(0.05, adam_steps=40)
+    r, calls, notes = _solve_through_aot_eager(0.05, adam=ps.Adam(steps=40), lbfgs=ps.LBFGS(steps=0),
+                                               eval_every=10**6)
     assert calls == 12                                   # three compiled blocks of four while measuring
     assert r.timing["compiled_ms_per_step_measured"] > r.timing["eager_ms_per_step_measured"] + 40
     assert len(notes) == 1 and "eager step took" in notes[0]
