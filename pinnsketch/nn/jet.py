@@ -268,7 +268,9 @@ class Jet:
     # --- arithmetic ---------------------------------------------------------------
     def _mul_jet(self, other: Jet) -> Jet:
         _check_spec(self, other)
-        a, b = self.streams, other.streams
+        # unbind, not a[i]: autograd's backward of an index allocates and zero-fills a whole (S, N, w)
+        # per use, of unbind one stack for all the streams
+        a, b = self.streams.unbind(0), other.streams.unbind(0)
         out = []
         for terms in self.spec._product_terms:
             acc = None
@@ -412,10 +414,11 @@ def compose_terms_functional(z: torch.Tensor, derivs: Sequence[torch.Tensor], sp
     if not spec._higher_terms:
         return torch.cat([d0.unsqueeze(0), first])
     out = [d0, *first.unbind(0)]
+    zs = z.unbind(0)               # one backward stack, not a zero-filled (S, N, w) per index
     for s, m, k, blocks in spec._higher_terms:
         term = derivs[k]
         for b in blocks:
-            term = term * z[b]
+            term = term * zs[b]
         out[s] = out[s] + (term if m == 1 else m * term)
     return torch.stack(out)
 
