@@ -17,3 +17,13 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_benchmark(name: str, args: list[str], tmp_path: Path, timeout: float = 600):
+    """Run benchmarks/<name>.py as its users do (a subprocess, one thread); the completed process."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "DDE_BACKEND": "pytorch", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)

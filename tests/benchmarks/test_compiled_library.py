@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_helpers import run_benchmark
 
 
 def test_one_problem_interleaved_writes_speedup_and_agreement(tmp_path):
     out = tmp_path / "compiled_library.json"
-    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "DDE_BACKEND": "pytorch", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compiled_library.py"), "--problems", "heat",
-                          "--rounds", "2", "--chunk", "1", "--warmup", "1", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_benchmark("compiled_library", ["--problems", "heat", "--rounds", "2", "--chunk", "1", "--warmup", "1",
+                                             "--out", str(out)], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     (record,) = json.loads(out.read_text())["records"]
     assert record["problem"] == "heat" and record["architecture"] == "mlp" and record["iterations"] == 3

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_helpers import run_benchmark
 
 
 def test_traced_variants_run_and_their_gradients_match_exact(tmp_path):
     out = tmp_path / "probe.json"
-    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "DDE_BACKEND": "pytorch", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compiled_lowrank_probe.py"), "--rounds", "2",
-                          "--chunk", "1", "--points", "300", "--backend", "aot_eager", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_benchmark("compiled_lowrank_probe", ["--rounds", "2", "--chunk", "1", "--points", "300",
+                                                   "--backend", "aot_eager", "--out", str(out)], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
     assert set(variants) == {"exact", "lowrank", "lowrank_fixed_basis", "int8"}
