@@ -320,3 +320,27 @@ def test_solve_takes_a_storage_spec_with_options_and_records_it():
     assert [r["target"] for r in result.storage_report] == [0.005] * 3
     with pytest.raises(ValueError, match="bad options for storage 'lowrank'"):
         pp.solve(Heat(), storage="lowrank:bits=8", adam=pp.Adam(steps=1), lbfgs=pp.LBFGS(steps=0), progress=False)
+
+
+def test_cli_derivatives_autograd_through_the_real_command(tmp_path):
+    """`pinnsketch solve ... --derivatives autograd` as a user runs it: trains with storage exact and
+    records it; with --storage lowrank it is one line and exit status 2."""
+    import os
+    import subprocess
+    import sys
+
+    import pinnsketch as ps
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDE_BACKEND="pytorch", MPLCONFIGDIR=str(tmp_path / "mpl"))
+    base = [sys.executable, "-m", "pinnsketch", "solve", "heat", "--derivatives", "autograd", "--steps", "3",
+            "--lbfgs-steps", "1", "--points", "32", "--width", "8", "--depth", "1", "--device", "cpu", "--no-progress"]
+    out = tmp_path / "ag.h5"
+    ok = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "storage=exact" in ok.stdout and "relative L2 error" in ok.stdout
+    config = ps.load(out).config
+    assert config["derivatives"] == "autograd" and config["storage"] == "exact"
+    bad = subprocess.run([*base, "--storage", "lowrank"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "derivatives='jet'" in lines[0]
