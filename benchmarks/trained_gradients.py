@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def measure(path: Path, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from pinnsketch.data.bench import git_commit
+    from pinnsketch.data.bench import cpu_model, git_commit
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", type=Path, required=True, help="run files of completed library solves")
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     records = [measure(path, args.steps) for path in args.runs]
     out = {"command": "python benchmarks/trained_gradients.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "commit": git_commit(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+           "commit": git_commit(), "torch": torch.__version__, "cpu": cpu_model(),
            "threads": args.threads, "steps": args.steps, "records": records}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
