@@ -58,7 +58,9 @@ class TrainingState:
     (weighted total), lr, wall_time_s, saved_bytes_peak (int | None),
     step_peak_bytes (int | None: the peak of all live tensor bytes of a metered
     step's first loss evaluation above its start, `MemoryMeter(step_peak=True)`), l2_relative_error (set
-    on evaluation steps, else None), config (JSON-able), storage_report (list of dicts).
+    on evaluation steps, else None), config (JSON-able), storage_report (list of dicts;
+    the PINN solver refreshes it on metered and evaluation steps only, as reading it costs a
+    host wait on a GPU: call `state.model.storage_report()` for the current one).
     Extra: max_steps, phase_start, history, parameters, generator, points,
     callbacks, and the flags `stop_phase` / `stop_training` a callback may set.
     """
