@@ -481,6 +481,10 @@ def solve_command(args: argparse.Namespace) -> int:
         print(f"{ranks['world_size']} ranks ({ranks['backend']}); step peak memory per rank: "
               f"{', '.join('n/a' if p is None else f'{p / 2**20:.2f} MiB' for p in peaks)}"
               + (f" (max {max(known) / 2**20:.2f} MiB)" if known else ""))
+    precision = result.history.get("precision")
+    if precision:
+        starts = [str(s) for s, d in zip(precision["step"], precision["dtype"]) if d == "float64"]
+        print(f"L-BFGS continued in float64 from step {', '.join(starts)} (float32 L-BFGS stopped early there)")
     stop = result.history.get("lbfgs_stop")
     if stop:
         print(f"L-BFGS stopped at step {stop['step']}: {stop['reason']} ({stop['detail']})")

@@ -93,6 +93,14 @@ class Objective:
         self.term_scale: torch.Tensor | None = None
         self._version = -1
 
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Evaluate in `dtype` from now on (the point tensors are rebuilt at the next evaluation)."""
+        self.dtype = dtype
+        self.weights = self.weights.to(dtype)
+        if self.term_scale is not None:
+            self.term_scale = self.term_scale.to(dtype)
+        self._version = -1
+
     # --- set-up -------------------------------------------------------------------------
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, dtype=self.dtype).to(self.device)

@@ -208,6 +208,17 @@ class LBFGS:
     stay fixed across the line searches and curvature pairs of those
     iterations, and the history, callbacks and resume points advance per step.
     The phase ends early when L-BFGS converges (gradient or change tolerance).
+
+    `float64_fallback`: a float32 run whose L-BFGS stops early on anything but the
+    gradient tolerance has usually met the float32 noise floor of its loss: no
+    trial point of the line search lowers the loss by more than its rounding
+    noise (residuals cancel terms far larger than themselves). With True (the
+    default) the run then continues the remaining iterations in float64: the
+    network, the PDE parameters, the points and the L-BFGS curvature history
+    are cast, and cast back to the run's dtype when the phase ends. The steps
+    in float64 need twice the activation memory (counted in the run's memory
+    figures) and more time; `history["precision"]` records the switches.
+    False: stop there.
     """
 
     steps: int = 5_000
@@ -217,6 +228,7 @@ class LBFGS:
     tolerance_grad: float = 1e-12
     tolerance_change: float = 1e-15
     max_line_search: int = 25
+    float64_fallback: bool = True
 
     def __post_init__(self):
         _positive_int(self.steps, "LBFGS steps", allow_zero=True)
@@ -224,6 +236,8 @@ class LBFGS:
         _positive_int(self.max_line_search, "LBFGS max_line_search")
         _positive_int(self.history_size, "LBFGS history_size")
         _positive_float(self.lr, "LBFGS lr")
+        if not isinstance(self.float64_fallback, bool):
+            raise ValueError(f"LBFGS float64_fallback={self.float64_fallback!r} must be True or False")
 
     def build(self, params) -> torch.optim.LBFGS:
         return torch.optim.LBFGS(

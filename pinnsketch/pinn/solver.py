@@ -234,6 +234,7 @@ class _Run:
         self._balance_now = False  # set by the Adam loop on the steps that update the loss weights
         self.layout = layout = Layout.of(problem)
         self.dtype, self.device = _dtype(o["dtype"]), _device(o["device"])
+        self.run_dtype = self.dtype  # self.dtype is float64 during an L-BFGS float64 continuation
         if group is not None:
             self.device = group.device  # one CUDA device per rank
         if self.device.type == "cpu":
@@ -615,19 +616,54 @@ class _Run:
                 break
             self._finish_step("lbfgs", record, lbfgs.lr, steps=done)
             if done < min(lbfgs.max_iter, end - (st.step - done)):
-                _lbfgs_stop(st, *_lbfgs_reason(opt, lbfgs, opt.state[self.params[0]]["func_evals"] - evals))
+                reason, detail = _lbfgs_reason(opt, lbfgs, opt.state[self.params[0]]["func_evals"] - evals)
+                if lbfgs.float64_fallback and self.dtype == torch.float32 and reason != "gradient tolerance":
+                    # float32's noise floor, most likely: go on in float64 with the same curvature history
+                    self._set_dtype(torch.float64, opt)
+                    continue
+                if self.dtype != self.run_dtype:
+                    detail += f" (in float64 from step {st.history['precision']['step'][-1]})"
+                _lbfgs_stop(st, reason, detail)
                 break  # L-BFGS stopped on a tolerance or its line search budget
         if "lbfgs_stop" not in st.history:
             if st.step >= end:
                 _lbfgs_stop(st, "step budget", f"all {lbfgs.steps} iterations of LBFGS(steps={lbfgs.steps}) done")
             elif st.stop_phase or st.stop_training:
                 _lbfgs_stop(st, "callback", "a callback set stop_phase or stop_training")
+        self._set_dtype(self.run_dtype, opt)  # a float64 continuation ends with its phase
+
+    def _set_dtype(self, dtype: torch.dtype, optimizer: torch.optim.Optimizer | None = None,
+                   record: bool = True) -> None:
+        """Cast the run to `dtype`: the networks, the PDE parameters (in place: the problem holds them),
+        the objective's point tensors and weights, and `optimizer`'s state (L-BFGS' curvature history).
+        `record` appends the switch to history["precision"] ({"step": [...], "dtype": [...]})."""
+        if dtype == self.dtype:
+            return
+        self.dtype = dtype
+        self.solution.to(dtype)
+        for p in self.parameters.values():
+            p.data = p.data.to(dtype)
+        self.objective.set_dtype(dtype)
+        if optimizer is not None:
+            for state in optimizer.state.values():
+                state.update(_cast_tensors(dict(state), dtype))
+        if record:
+            history = self.state.history
+            h = history.setdefault("precision", {"step": [], "dtype": []})
+            h["step"].append(int(self.state.step))
+            h["dtype"].append(str(dtype).removeprefix("torch."))
+            for name, p in self.parameters.items():  # the step's value as the run now holds it (rounded)
+                if history["parameters"][name]:
+                    history["parameters"][name][-1] = float(p.detach())
 
     def run(self, resume: dict | None) -> Result:
         st = self.state
         self.evaluator = Evaluator(self.problem, self.layout, self.o["eval_points"])
         if resume is not None:
             self._resume_window(resume)
+            precision = (resume.get("history") or {}).get("precision") if isinstance(resume, dict) else None
+            if precision and precision.get("dtype"):  # stopped during a float64 continuation of L-BFGS
+                self._set_dtype(DTYPES[precision["dtype"][-1]], record=False)
             st.load_state_dict(resume)
             if self.window is not None:
                 self.start = st.history["windows"]["first_step"][-1]
@@ -725,6 +761,17 @@ class _Run:
             saved_bytes_peak=st.saved_bytes_peak, storage_report=st.storage_report, evaluation=evaluation,
             config=config, state=st, step_peak_bytes=st.step_peak_bytes,
         )
+
+
+def _cast_tensors(value, dtype: torch.dtype):
+    """`value` with its floating tensors (in dicts, lists and tuples, at any depth) cast to `dtype`."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast_tensors(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_tensors(v, dtype) for v in value)
+    return value
 
 
 def _lbfgs_stop(state: TrainingState, reason: str, detail: str) -> None:

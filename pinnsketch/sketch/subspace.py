@@ -104,8 +104,8 @@ def track_many(requests: list[SubspaceRequest]) -> list[TrackedSubspace]:
         for r in group:
             rows = slice(start, start + r.gram.shape[0])
             start = rows.stop
-            dtype = r.gram.dtype if r.subspace is None else r.subspace.q.dtype
-            r.result = TrackedSubspace(q[rows].to(dtype).contiguous(), evals[rows], energy[rows])
+            # in the activations' dtype, which may differ from the previous basis' (a float64 continuation)
+            r.result = TrackedSubspace(q[rows].to(r.gram.dtype).contiguous(), evals[rows], energy[rows])
     return [r.result for r in requests]
 
 

@@ -1,0 +1,107 @@
+"""L-BFGS' float64 continuation: a float32 run whose L-BFGS meets the float32 noise floor goes on in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pinnsketch as ps
+from pinnsketch.pinn.solver import _cast_tensors
+from pinnsketch.sketch import SubspaceRequest, track_many
+
+from pinn_helpers import Interrupt, run_cli
+
+
+class Decay(ps.Problem):
+    """u_t = -u on [0, 1] x [0, 1], u(x, 0) = 1; u = exp(-t)."""
+
+    domain = ps.geometry.Interval(0, 1) * ps.geometry.TimeDomain(0, 1)
+    conditions = [ps.Initial(1.0)]
+
+    def residual(self, x, u):
+        return u.t + u
+
+    def exact(self, x):
+        return torch.exp(-x[:, 1:2])
+
+
+def solve(storage="exact", fallback=True, steps=400, **kw):
+    # measured on this problem: float32 L-BFGS stops at step 175 (exact) / 219 (lowrank), t = 0
+    return ps.solve(Decay(), storage=storage, network=ps.Network(width=16, depth=2),
+                    points=ps.Points(domain=128, boundary=8, initial=16), adam=ps.Adam(steps=100),
+                    lbfgs=ps.LBFGS(steps=steps, float64_fallback=fallback), progress=False, eval_every=10_000,
+                    seed=0, **kw)
+
+
+@pytest.mark.parametrize("storage", ["exact", "lowrank"])
+def test_float32_stall_continues_in_float64_to_a_lower_loss(storage):
+    stopped, continued = solve(storage, fallback=False), solve(storage)
+    stop = stopped.history["lbfgs_stop"]
+    assert stop["reason"] != "gradient tolerance" and stop["step"] < 500 and "precision" not in stopped.history
+    h = continued.history
+    assert h["precision"]["dtype"] == ["float64", "float32"]
+    switched, back = h["precision"]["step"]
+    assert switched == stop["step"]            # the same run up to the float32 stop
+    assert h["loss"][:h["step"].index(switched) + 1] == stopped.history["loss"]
+    assert back == h["step"][-1] > switched    # float64 to the end of the phase, then the run's dtype again
+    assert h["loss"][-1] < h["loss"][h["step"].index(switched)]
+    if storage == "exact":                     # exact stalls far above what float64 reaches
+        assert h["loss"][-1] < 0.1 * stop_loss(stopped) and continued.l2_relative_error < stopped.l2_relative_error
+    assert all(p.dtype == torch.float32 for p in continued.model.parameters())
+    assert continued.config["dtype"] == "float32"
+
+
+def stop_loss(result) -> float:
+    return result.history["loss"][-1]
+
+
+def test_float64_runs_and_exhausted_fallbacks_stop_as_before():
+    r = solve(dtype="float64", steps=60)
+    assert "precision" not in r.history
+    # a tolerance float64 also meets: one switch, then the stop names it
+    r = ps.solve(Decay(), storage="exact", network=ps.Network(width=8, depth=2), points=ps.Points(domain=64, initial=8),
+                 adam=ps.Adam(steps=20), lbfgs=ps.LBFGS(steps=200, tolerance_change=1e-6), progress=False, seed=0)
+    switched = r.history["precision"]["step"][0]
+    assert r.history["precision"]["dtype"] == ["float64", "float32"]
+    assert f"(in float64 from step {switched})" in r.history["lbfgs_stop"]["detail"]
+
+
+def test_resume_during_the_float64_continuation_ends_where_the_uninterrupted_run_ends():
+    full = solve(steps=200)
+    switched = full.history["precision"]["step"][0]
+    stop = Interrupt(switched + 30)
+    with pytest.raises(KeyboardInterrupt):
+        solve(steps=200, callbacks=[stop])
+    assert stop.saved["history"]["precision"]["dtype"] == ["float64"]
+    assert stop.saved["model"]["blocks.0.weight"].dtype == torch.float64
+    resumed = solve(steps=200, resume=stop.saved)
+    assert resumed.history["loss"] == full.history["loss"]
+    assert resumed.history["precision"] == full.history["precision"]
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cast_tensors_reaches_lbfgs_state_lists():
+    state = {"d": torch.ones(3), "old_dirs": [torch.ones(2)], "n_iter": 4, "t": 0.5, "mask": torch.ones(2, dtype=torch.bool)}
+    cast = _cast_tensors(state, torch.float64)
+    assert cast["d"].dtype == cast["old_dirs"][0].dtype == torch.float64
+    assert cast["mask"].dtype == torch.bool and cast["n_iter"] == 4 and cast["t"] == 0.5
+
+
+def test_tracked_basis_follows_the_activations_dtype():
+    g32 = torch.randn(1, 6, 6)
+    g32 = g32 @ g32.mT
+    (basis,) = track_many([SubspaceRequest(None, g32, 2)])
+    assert basis.q.dtype == torch.float32
+    (warm,) = track_many([SubspaceRequest(basis, g32.double(), 2)])   # a warm start across a float64 switch
+    assert warm.q.dtype == torch.float64
+
+
+def test_lbfgs_option_is_checked_and_reaches_the_cli(tmp_path, capsys):
+    with pytest.raises(ValueError, match="float64_fallback='no' must be True or False"):
+        ps.LBFGS(float64_fallback="no")
+    out = tmp_path / "d.h5"
+    code = run_cli(["solve", "heat", "--steps", "2", "--lbfgs", "steps=2,float64_fallback=false", "--no-progress",
+                    "--out", str(out)])
+    assert code == 0
+    assert ps.load(out).config["lbfgs"]["float64_fallback"] is False
