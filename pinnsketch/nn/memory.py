@@ -53,7 +53,7 @@ import weakref
 
 import torch
 
-__all__ = ["MemoryMeter", "ResidentPeak"]
+__all__ = ["MemoryMeter", "ResidentPeak", "available_bytes"]
 
 # The stack of meters entered in the current context, innermost last. A
 # ContextVar (not a module global) so concurrent threads or tasks each see
@@ -369,3 +369,26 @@ class ResidentPeak:
         self._thread.join()
         self._max = max(self._max, self.resident_bytes())
         self.peak_bytes = max(0, self._max - self.baseline_bytes)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes this process could still allocate on `device`, or None where that is unknown.
+
+    CUDA: the device's free memory plus what torch's caching allocator holds unused.
+    CPU: the kernel's estimate of memory available without swapping (MemAvailable of
+    /proc/meminfo, Linux; a cgroup limit below it is not seen).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -10,7 +10,9 @@ optional resampling / refinement (Adam only), then one
 finiteness check, backward, the optimizer step), bookkeeping, callbacks.
 An L-BFGS step runs up to `LBFGS.max_iter` iterations with one `advance()`,
 so line searches and curvature pairs within it see the same sketch test
-matrices.
+matrices. A float32 L-BFGS phase that stops before it converges goes on in
+float64 (`LBFGS.float64_fallback`; the line search of a well-trained network
+often finds no step that beats the float32 loss' rounding noise).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..nn.memory import available_bytes
 from ..training import Callback, ProgressBar, StepRecord, TrainingState, crossed, fused_step, train_step
 from .causal import Causal, CausalWeights
 from .conditions import Condition
@@ -618,9 +621,12 @@ class _Run:
             if done < min(lbfgs.max_iter, end - (st.step - done)):
                 reason, detail = _lbfgs_reason(opt, lbfgs, opt.state[self.params[0]]["func_evals"] - evals)
                 if lbfgs.float64_fallback and self.dtype == torch.float32 and reason != "gradient tolerance":
-                    # float32's noise floor, most likely: go on in float64 with the same curvature history
-                    self._set_dtype(torch.float64, opt)
-                    continue
+                    shortfall = self._float64_shortfall()
+                    if shortfall is None:
+                        # float32's noise floor, most likely: go on in float64 with the same curvature history
+                        self._set_dtype(torch.float64, opt)
+                        continue
+                    detail += f"; no float64 continuation: {shortfall}"
                 if self.dtype != self.run_dtype:
                     detail += f" (in float64 from step {st.history['precision']['step'][-1]})"
                 _lbfgs_stop(st, reason, detail)
@@ -631,6 +637,22 @@ class _Run:
             elif st.stop_phase or st.stop_training:
                 _lbfgs_stop(st, "callback", "a callback set stop_phase or stop_training")
         self._set_dtype(self.run_dtype, opt)  # a float64 continuation ends with its phase
+
+    def _float64_shortfall(self) -> str | None:
+        """Why a float64 continuation would not fit in memory, or None. A float64 step needs about
+        twice the float32 step's peak (`state.step_peak_bytes`, None before a metered step: assumed
+        to fit); what the device has free must cover the difference, with a quarter to spare. Every
+        process of a multi-process run decides alike."""
+        need = self.state.step_peak_bytes
+        free = available_bytes(self.device) if need else None
+        mine = free is not None and free < 1.25 * need
+        short = mine if self.dist is None else any(self.dist.gather_ints([int(mine)])[0])
+        if not short:
+            return None
+        if not mine:
+            return "another process of the run lacks the memory for it"
+        return (f"it needs about {need / 2**20:.0f} MiB more than a float32 step and {free / 2**20:.0f} MiB "
+                f"are available on {self.device.type}")
 
     def _set_dtype(self, dtype: torch.dtype, optimizer: torch.optim.Optimizer | None = None,
                    record: bool = True) -> None:

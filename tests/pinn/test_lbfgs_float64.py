@@ -105,3 +105,21 @@ def test_lbfgs_option_is_checked_and_reaches_the_cli(tmp_path, capsys):
                     "--out", str(out)])
     assert code == 0
     assert ps.load(out).config["lbfgs"]["float64_fallback"] is False
+
+
+def test_no_float64_continuation_without_the_memory_for_it(monkeypatch):
+    import pinnsketch.pinn.solver as solver
+
+    monkeypatch.setattr(solver, "available_bytes", lambda device: 1024)
+    r = solve(steps=400)
+    assert r.step_peak_bytes and "precision" not in r.history
+    detail = r.history["lbfgs_stop"]["detail"]
+    assert "no float64 continuation: it needs about" in detail and "MiB are available on cpu" in detail
+
+
+def test_available_bytes_reads_this_machine():
+    from pinnsketch.nn.memory import available_bytes
+
+    free = available_bytes(torch.device("cpu"))
+    assert free is None or 0 < free < 1 << 50
+    assert available_bytes(torch.device("meta")) is None
