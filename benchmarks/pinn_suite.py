@@ -90,6 +90,7 @@ def run_one(name: str, storage: str, opts) -> dict:
         adam_ms_per_step=result.timing["adam_ms_per_step"],
         lbfgs_ms_per_step=result.timing["lbfgs_ms_per_step"],
         lbfgs_stop=result.history.get("lbfgs_stop"),
+        precision=result.history.get("precision"),
         saved_bytes_peak=result.saved_bytes_peak,
         step_peak_bytes=result.step_peak_bytes,
         parameters=result.parameters,
@@ -129,12 +130,22 @@ def record_from_run(path: str) -> dict:
         "adam_ms_per_step": 1e3 * adam_wall / adam_steps if adam_steps else None,
         "lbfgs_ms_per_step": (1e3 * (run.wall_time_s - adam_wall) / lbfgs_steps
                               if lbfgs_steps and run.wall_time_s is not None else None),
-        "lbfgs_stop": run.summary()["lbfgs_stop"], "saved_bytes_peak": run.saved_bytes_peak, "step_peak_bytes": run.step_peak_bytes,
+        "lbfgs_stop": run.summary()["lbfgs_stop"], "precision": _precision(run), "saved_bytes_peak": run.saved_bytes_peak, "step_peak_bytes": run.step_peak_bytes,
         "parameters": run.config.get("parameters") or {},
         "options": {key: run.config.get(key) for key in OPTION_KEYS}, "config": run.config,
         "run_file": str(path), "at_defaults": at_defaults(run.problem, run.config),
         "source": "run file of `pinnsketch solve --out`; per-phase ms from its wall clock (evaluations included)",
     }
+
+
+def _precision(run) -> dict | None:
+    """history["precision"] of a run file (L-BFGS' float64 continuations), from its final checkpoint."""
+    from pinnsketch import RunFileError
+
+    try:
+        return run.checkpoint()["history"].get("precision")
+    except (RunFileError, KeyError):  # a file without a readable checkpoint: not recorded
+        return None
 
 
 def at_defaults(name: str, config: dict) -> bool:

@@ -13,7 +13,7 @@ __all__ = ["summarize", "format_summary", "SUMMARY_KEYS"]
 SUMMARY_KEYS = ("path", "schema_version", "kind", "problem", "storage", "steps", "completed", "l2_relative_error",
                 "saved_bytes_peak", "step_peak_bytes", "wall_time_s", "final_loss", "final_losses", "seed", "device",
                 "checkpoint_step", "layers", "gradient_monitor", "test_accuracy", "pinnsketch_version",
-                "torch_version", "created", "status", "stop_cause", "stop_step", "stop_phase", "lbfgs_stop")
+                "torch_version", "created", "status", "stop_cause", "stop_step", "stop_phase", "lbfgs_stop", "lbfgs_float64_from")
 
 
 def summarize(run) -> dict[str, Any]:
@@ -60,6 +60,8 @@ def summarize(run) -> dict[str, Any]:
         "lbfgs_stop": None if attrs.get("lbfgs_stop_reason") is None else {
             "reason": attrs.get("lbfgs_stop_reason"), "detail": attrs.get("lbfgs_stop_detail"),
             "step": _py(attrs.get("lbfgs_stop_step"))},
+        "lbfgs_float64_from": (None if attrs.get("lbfgs_float64_from") is None
+                               else [int(v) for v in np.atleast_1d(attrs["lbfgs_float64_from"])]),
     }
 
 
@@ -90,6 +92,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if s.get("lbfgs_stop"):
         stop = s["lbfgs_stop"]
         lines.append(f"  L-BFGS stop  {stop['reason']} at step {_text(stop['step'])} ({_text(stop['detail'])})")
+    if s.get("lbfgs_float64_from"):
+        lines.append(f"  float64      L-BFGS continued in float64 from step {', '.join(map(str, s['lbfgs_float64_from']))}")
     if s.get("test_accuracy") is not None:
         lines.append(f"  test acc.    {s['test_accuracy']:.4f}")
     lines.append(f"  saved bytes  {_bytes(s['saved_bytes_peak'])} peak for backward")

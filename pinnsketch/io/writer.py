@@ -375,8 +375,13 @@ def _lbfgs_stop_attributes(state) -> dict[str, Any]:
     stop = history.get("lbfgs_stop") if isinstance(history, Mapping) else None
     if not isinstance(stop, Mapping):
         return {}
-    return {"lbfgs_stop_reason": stop.get("reason"), "lbfgs_stop_detail": stop.get("detail"),
-            "lbfgs_stop_step": stop.get("step")}
+    out = {"lbfgs_stop_reason": stop.get("reason"), "lbfgs_stop_detail": stop.get("detail"),
+           "lbfgs_stop_step": stop.get("step")}
+    precision = history.get("precision")
+    if isinstance(precision, Mapping) and precision.get("dtype"):  # the L-BFGS float64 continuations' first steps
+        out["lbfgs_float64_from"] = np.asarray([s for s, d in zip(precision["step"], precision["dtype"])
+                                                if d == "float64"], dtype=np.int64)
+    return out
 
 
 def _float(value) -> float:

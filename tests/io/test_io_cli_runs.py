@@ -196,7 +196,7 @@ def test_resume_refuses_training_options_and_completed_runs(tmp_path, capsys):
 
 def test_lbfgs_stop_reason_in_history_file_and_inspect(tmp_path, capsys):
     path = tmp_path / "lbfgs.h5"
-    options = solve_options(lbfgs=ps.LBFGS(steps=200, max_iter=5, tolerance_change=1e-3))
+    options = solve_options(lbfgs=ps.LBFGS(steps=200, max_iter=5, tolerance_change=1e-3), dtype="float32")
     result = ps.solve(Parabola1D(), **options, callbacks=[RunWriter(path)])
     stop = result.history["lbfgs_stop"]
     assert stop["reason"] in ("loss change tolerance", "step tolerance", "directional derivative tolerance")
@@ -204,8 +204,14 @@ def test_lbfgs_stop_reason_in_history_file_and_inspect(tmp_path, capsys):
     assert stop["step"] == result.history["step"][-1]
     run = load(path)
     assert run.attrs["lbfgs_stop_reason"] == stop["reason"] and run.attrs["lbfgs_stop_step"] == stop["step"]
+    # float32 stopped early, so L-BFGS went on in float64 (and met the tolerance there too)
+    switched = result.history["precision"]["step"][0]
+    assert result.history["precision"]["dtype"] == ["float64", "float32"]
+    assert list(run.attrs["lbfgs_float64_from"]) == [switched] == run.summary()["lbfgs_float64_from"]
     assert main(["inspect", str(path)]) == 0
-    assert f"L-BFGS stop  {stop['reason']} at step {stop['step']}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"L-BFGS stop  {stop['reason']} at step {stop['step']}" in out
+    assert f"L-BFGS continued in float64 from step {switched}" in out
 
 
 def test_plot_draws_ranks_and_gradient_history_of_a_cli_monitor_run(tmp_path, capsys):
