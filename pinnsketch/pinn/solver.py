@@ -17,6 +17,7 @@ often finds no step that beats the float32 loss' rounding noise).
 
 from __future__ import annotations
 
+import bisect
 import copy
 import functools
 import math
@@ -618,6 +619,10 @@ class _Run:
                             "before the step")
                 break
             self._finish_step("lbfgs", record, lbfgs.lr, steps=done)
+            stalled = self._float64_stalled(lbfgs, done)
+            if stalled is not None:
+                _lbfgs_stop(st, "float64 progress", stalled)
+                break
             if done < min(lbfgs.max_iter, end - (st.step - done)):
                 reason, detail = _lbfgs_reason(opt, lbfgs, opt.state[self.params[0]]["func_evals"] - evals)
                 if lbfgs.float64_fallback and self.dtype == torch.float32 and reason != "gradient tolerance":
@@ -637,6 +642,24 @@ class _Run:
             elif st.stop_phase or st.stop_training:
                 _lbfgs_stop(st, "callback", "a callback set stop_phase or stop_training")
         self._set_dtype(self.run_dtype, opt)  # a float64 continuation ends with its phase
+
+    def _float64_stalled(self, lbfgs: LBFGS, done: int) -> str | None:
+        """Why the float64 continuation ends after this step, or None: the step completed an interval of
+        `LBFGS.FLOAT64_INTERVAL` iterations from the switch that lowered the loss by less than the fraction
+        `float64_progress`. Read from the history alone, so a resumed run decides alike."""
+        h, st, every = self.state.history, self.state, LBFGS.FLOAT64_INTERVAL
+        if self.dtype == self.run_dtype or not lbfgs.float64_progress:
+            return None
+        start = h["precision"]["step"][-1]
+        if not crossed(st.step - done - start, st.step - start, every):
+            return None
+        # the loss at the last record at least one interval back (the switch's own record at the earliest)
+        i = bisect.bisect_right(h["step"], max(start, st.step - every)) - 1
+        before, now = h["loss"][i], h["loss"][-1]
+        if before - now >= lbfgs.float64_progress * abs(before):
+            return None
+        return (f"the float64 continuation (from step {start}) lowered the loss by {(before - now) / abs(before):.2%} "
+                f"over steps {h['step'][i]}-{st.step}, less than float64_progress={lbfgs.float64_progress:g}")
 
     def _float64_shortfall(self) -> str | None:
         """Why a float64 continuation would not fit in memory, or None. A float64 step needs about

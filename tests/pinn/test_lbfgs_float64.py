@@ -25,12 +25,12 @@ class Decay(ps.Problem):
         return torch.exp(-x[:, 1:2])
 
 
-def solve(storage="exact", fallback=True, steps=400, **kw):
+def solve(storage="exact", fallback=True, steps=400, lbfgs_progress=0.01, **kw):
     # measured on this problem: float32 L-BFGS stops at step 175 (exact) / 219 (lowrank), t = 0
     return ps.solve(Decay(), storage=storage, network=ps.Network(width=16, depth=2),
                     points=ps.Points(domain=128, boundary=8, initial=16), adam=ps.Adam(steps=100),
-                    lbfgs=ps.LBFGS(steps=steps, float64_fallback=fallback), progress=False, eval_every=10_000,
-                    seed=0, **kw)
+                    lbfgs=ps.LBFGS(steps=steps, float64_fallback=fallback, float64_progress=lbfgs_progress),
+                    progress=False, eval_every=10_000, seed=0, **kw)
 
 
 @pytest.mark.parametrize("storage", ["exact", "lowrank"])
@@ -100,6 +100,8 @@ def test_tracked_basis_follows_the_activations_dtype():
 def test_lbfgs_option_is_checked_and_reaches_the_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="float64_fallback='no' must be True or False"):
         ps.LBFGS(float64_fallback="no")
+    with pytest.raises(ValueError, match=r"float64_progress=1.5 must be a fraction in \[0, 1\)"):
+        ps.LBFGS(float64_progress=1.5)
     out = tmp_path / "d.h5"
     code = run_cli(["solve", "heat", "--steps", "2", "--lbfgs", "steps=2,float64_fallback=false", "--no-progress",
                     "--out", str(out)])
@@ -123,3 +125,16 @@ def test_available_bytes_reads_this_machine():
     free = available_bytes(torch.device("cpu"))
     assert free is None or 0 < free < 1 << 50
     assert available_bytes(torch.device("meta")) is None
+
+
+def test_float64_continuation_ends_when_an_interval_gains_too_little():
+    every = ps.LBFGS.FLOAT64_INTERVAL
+    full = solve(steps=800, lbfgs_progress=0.0)
+    assert full.history["lbfgs_stop"]["reason"] == "step budget"
+    demanding = solve(steps=800, lbfgs_progress=0.9)       # the first interval gains 98 %, the second less
+    h = demanding.history
+    start, stop = h["precision"]["step"][0], h["lbfgs_stop"]["step"]
+    assert h["lbfgs_stop"]["reason"] == "float64 progress" and stop < full.history["step"][-1]
+    assert (stop - start) % every < 20 and stop - start >= every       # at the end of an interval
+    assert "less than float64_progress=0.9" in h["lbfgs_stop"]["detail"]
+    assert h["loss"] == full.history["loss"][:len(h["loss"])]
