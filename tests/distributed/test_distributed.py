@@ -208,6 +208,19 @@ def test_cli_two_ranks_write_one_file(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_two_ranks_go_on_in_float64_together(tmp_path):
+    # tolerance_change=1e-2 stops float32 L-BFGS within a few iterations; the ranks must switch alike
+    # (--dist-check-every 1 compares their parameters after every step) and the file records the switch
+    path = tmp_path / "run.h5"
+    proc = _launch(2, "-m", "pinnsketch", "solve", "burgers", "--storage", "lowrank", "--steps", "12",
+                   "--lbfgs", "steps=60,tolerance_change=1e-2", "--points", "256", "--width", "16", "--depth", "2",
+                   "--no-progress", "--dist-check-every", "1", "--out", str(path))
+    assert proc.stdout.count("L-BFGS continued in float64 from step") == 1
+    run = load(path)
+    assert run.completed and len(run.attrs["lbfgs_float64_from"]) == 1
+    assert "(in float64 from step" in run.attrs["lbfgs_stop_detail"]
+
+
 # --- pieces in one process ------------------------------------------------------------------------------
 def test_distributed_options_are_checked():
     with pytest.raises(ValueError, match="timeout_s"):

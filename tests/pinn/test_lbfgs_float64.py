@@ -138,3 +138,15 @@ def test_float64_continuation_ends_when_an_interval_gains_too_little():
     assert (stop - start) % every < 20 and stop - start >= every       # at the end of an interval
     assert "less than float64_progress=0.9" in h["lbfgs_stop"]["detail"]
     assert h["loss"] == full.history["loss"][:len(h["loss"])]
+
+
+def test_each_time_window_may_go_on_in_float64_and_the_next_starts_in_float32():
+    r = ps.solve(Decay(), storage="lowrank", network=ps.Network(width=16, depth=2),
+                 points=ps.Points(domain=128, boundary=8, initial=16), adam=ps.Adam(steps=100),
+                 lbfgs=ps.LBFGS(steps=300), progress=False, eval_every=10_000, seed=0,
+                 windows=ps.TimeWindows(windows=2))
+    p = r.history["precision"]
+    assert p["dtype"] == ["float64", "float32"] * 2          # measured: float64 from steps 221 and 629
+    first_window_end = r.history["windows"]["last_step"][0]
+    assert p["step"][0] < p["step"][1] == first_window_end < p["step"][2] < p["step"][3]
+    assert r.l2_relative_error < 1e-3                     # measured: 2.1e-4
