@@ -154,6 +154,10 @@ def at_defaults(name: str, config: dict) -> bool:
     from pinnsketch.pinn.solver import problem_defaults
 
     defaults = {k: (v.config() if hasattr(v, "config") else v) for k, v in problem_defaults(problems.get(name)).items()}
+    if isinstance(config.get("lbfgs"), dict) and isinstance(defaults.get("lbfgs"), dict):
+        # a record from before LBFGS' float64 continuation ran at the defaults of its time
+        defaults["lbfgs"] = {k: v for k, v in defaults["lbfgs"].items()
+                             if not k.startswith("float64") or k in config["lbfgs"]}
     return all(json.dumps(config.get(k), sort_keys=True) == json.dumps(defaults.get(k), sort_keys=True)
                for k in ("network", "adam", "lbfgs", "points", "loss_weights"))
 
@@ -182,22 +186,27 @@ def seed_summary(records: list[dict]) -> list[dict]:
                   if seed in l2["exact"] and seed in l2["lowrank"] and l2["exact"][seed] > 0}
         mean = math.exp(sum(math.log(v) for v in ratios.values()) / len(ratios)) if ratios else None
         misses = {s: sorted(seed for seed, v in l2[s].items() if tol is not None and v > tol) for s in l2}
+        float64 = {s: sorted(seed for seed in seeds if (name, s, seed) in latest
+                             and (latest[(name, s, seed)].get("precision") or {}).get("dtype"))
+                   for s in ("exact", "lowrank")}
         rows.append({"problem": name, "tolerance": tol, "seeds": seeds, "l2": l2, "ratio": ratios,
-                     "ratio_geometric_mean": mean, "misses": misses})
+                     "ratio_geometric_mean": mean, "misses": misses, "float64": float64})
     return rows
 
 
 def seed_table(rows: list[dict]) -> str:
-    """Markdown of `seed_summary`: one row per problem."""
-    def per_seed(values: dict, spec: str) -> str:
-        return ", ".join(f"{seed}: {format(v, spec)}" for seed, v in sorted(values.items())) or "-"
+    """Markdown of `seed_summary`: one row per problem; * marks a run whose L-BFGS went on in float64."""
+    def per_seed(values: dict, spec: str, marked=()) -> str:
+        return ", ".join(f"{seed}: {format(v, spec)}{'*' if seed in marked else ''}"
+                         for seed, v in sorted(values.items())) or "-"
 
     lines = ["| problem | tol | seeds | L2 exact | L2 lowrank | lowrank/exact per seed | geometric mean | misses |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         misses = "; ".join(f"{s} seed {', '.join(map(str, v))}" for s, v in r["misses"].items() if v) or "none"
         lines.append(f"| {r['problem']} | {_fmt(r['tolerance'], 'g')} | {', '.join(map(str, r['seeds']))} | "
-                     f"{per_seed(r['l2']['exact'], '.2e')} | {per_seed(r['l2']['lowrank'], '.2e')} | "
+                     f"{per_seed(r['l2']['exact'], '.2e', r['float64']['exact'])} | "
+                     f"{per_seed(r['l2']['lowrank'], '.2e', r['float64']['lowrank'])} | "
                      f"{per_seed(r['ratio'], '.2f')} | {_fmt(r['ratio_geometric_mean'], '.2f')} | {misses} |")
     return "\n".join(lines)
 

@@ -392,8 +392,10 @@ def solve_options_from_config(config: dict) -> dict:
     first = SOAP if adam.pop("optimizer", "adam") == "soap" else Adam
     points = dict(config["points"])
     points["refine"] = None if points.get("refine") is None else RAR(**points["refine"])
+    # a run recorded before L-BFGS' float64 continuation existed ran without it
+    lbfgs = {"float64_fallback": False, **config["lbfgs"]}
     options = {"network": Network(**network), "storage": config["storage"], "adam": first(**adam),
-               "lbfgs": LBFGS(**config["lbfgs"]), "points": Points(**points), "seed": config["seed"],
+               "lbfgs": LBFGS(**lbfgs), "points": Points(**points), "seed": config["seed"],
                "loss_weights": config.get("loss_weights")}
     for key, cls in (("balance", GradNormWeights), ("causal", Causal), ("windows", TimeWindows)):
         recorded_option = dict(config.get(key) or {})

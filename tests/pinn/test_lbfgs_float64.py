@@ -150,3 +150,12 @@ def test_each_time_window_may_go_on_in_float64_and_the_next_starts_in_float32():
     first_window_end = r.history["windows"]["last_step"][0]
     assert p["step"][0] < p["step"][1] == first_window_end < p["step"][2] < p["step"][3]
     assert r.l2_relative_error < 1e-3                     # measured: 2.1e-4
+
+
+def test_a_run_recorded_before_the_continuation_reruns_without_it():
+    from pinnsketch.cli import solve_options_from_config
+
+    config = solve().config
+    assert solve_options_from_config(config)["lbfgs"].float64_fallback is True
+    old = dict(config, lbfgs={k: v for k, v in config["lbfgs"].items() if not k.startswith("float64")})
+    assert solve_options_from_config(old)["lbfgs"] == ps.LBFGS(steps=400, float64_fallback=False)
