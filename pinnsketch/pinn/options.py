@@ -210,20 +210,24 @@ class LBFGS:
     iterations, and the history, callbacks and resume points advance per step.
     The phase ends early when L-BFGS converges (gradient or change tolerance).
 
-    `float64_fallback`: a float32 run whose L-BFGS stops early on anything but the
-    gradient tolerance has usually met the float32 noise floor of its loss: no
-    trial point of the line search lowers the loss by more than its rounding
+    `float64_fallback`: a float32 run whose L-BFGS stops early on anything but
+    the gradient tolerance has usually met the float32 noise floor of its loss:
+    no trial point of the line search lowers the loss by more than its rounding
     noise (residuals cancel terms far larger than themselves). With True (the
-    default) the run then continues the remaining iterations in float64: the
-    network, the PDE parameters, the points and the L-BFGS curvature history
-    are cast, and cast back to the run's dtype when the phase ends. The steps
-    in float64 need twice the activation memory (counted in the run's memory
-    figures) and more time; `history["precision"]` records the switches.
-    False: stop there. The continuation ends early when an interval of
-    `FLOAT64_INTERVAL` (250) iterations lowers the loss by less than the
-    fraction `float64_progress` (0: it runs to the budget): after the float32
-    floor, float64 L-BFGS typically gains most within a few hundred iterations
-    and then creeps (0.1-0.4 % per 250 iterations on heat and inverse_diffusion).
+    default) the run then goes on in float64: the network, the PDE parameters,
+    the points and the L-BFGS curvature history are cast, and cast back to the
+    run's dtype when the phase ends; `history["precision"]` records the
+    switches. False: stop there. The float64 steps need twice the activation
+    memory (counted in the run's memory figures; the switch is skipped where
+    the device lacks it) and more time (on the CPU about 1.5x a float32
+    iteration; consumer GPUs run float64 at a small fraction of float32's rate:
+    pass False there).
+
+    `float64_progress`: the continuation ends when an interval of
+    `FLOAT64_INTERVAL` (250) iterations lowers the loss by less than this
+    fraction (0: it runs to the budget). After the float32 floor, float64
+    L-BFGS gains most within a few hundred iterations and then creeps (0.1-0.4 %
+    per 250 iterations on heat and inverse_diffusion).
     """
 
     FLOAT64_INTERVAL: ClassVar[int] = 250
