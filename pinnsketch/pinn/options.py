@@ -219,7 +219,8 @@ class LBFGS:
     run's dtype when the phase ends; `history["precision"]` records the
     switches. False: stop there. The float64 steps need twice the activation
     memory (counted in the run's memory figures; the switch is skipped where
-    the device lacks it) and more time (on the CPU about 1.5x a float32
+    the device lacks it, and a float64 step that runs out of memory all the
+    same ends the phase with the parameters before it) and more time (on the CPU about 1.5x a float32
     iteration; consumer GPUs run float64 at a small fraction of float32's rate:
     pass False there).
 

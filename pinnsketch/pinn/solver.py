@@ -612,7 +612,9 @@ class _Run:
                 self.objective.causal.hold()  # one objective per L-BFGS step (`causal.py`)
             before = opt.state[self.params[0]].get("n_iter", 0)
             evals = opt.state[self.params[0]].get("func_evals", 0)
-            record = self._step(opt, "lbfgs", lbfgs.lr)
+            record = self._lbfgs_step(opt, lbfgs)
+            if record is None:  # a float64 step ran out of device memory (recorded)
+                break
             done = opt.state[self.params[0]].get("n_iter", 0) - before
             if done == 0:  # the gradient test ended the step before any iteration: converged
                 _lbfgs_stop(st, "gradient tolerance", f"max |gradient| <= tolerance_grad={lbfgs.tolerance_grad:g} "
@@ -642,6 +644,28 @@ class _Run:
             elif st.stop_phase or st.stop_training:
                 _lbfgs_stop(st, "callback", "a callback set stop_phase or stop_training")
         self._set_dtype(self.run_dtype, opt)  # a float64 continuation ends with its phase
+
+    def _lbfgs_step(self, opt: torch.optim.LBFGS, lbfgs: LBFGS) -> StepRecord | None:
+        """One L-BFGS step. In a float64 continuation, a step that runs out of device memory (the guard
+        of `_float64_shortfall` works from the last measured step) restores the parameters it started
+        from and ends the phase with that reason (None) instead of failing the run."""
+        if self.dtype == self.run_dtype:
+            return self._step(opt, "lbfgs", lbfgs.lr)
+        start = [p.detach().clone() for p in self.params]
+        try:
+            return self._step(opt, "lbfgs", lbfgs.lr)
+        except torch.cuda.OutOfMemoryError as err:
+            with torch.no_grad():
+                for p, value in zip(self.params, start):
+                    p.copy_(value)
+                    p.grad = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            _lbfgs_stop(self.state, "float64 memory",
+                        f"a float64 step ran out of device memory ({first}); the parameters are those before it "
+                        f"(in float64 from step {self.state.history['precision']['step'][-1]})")
+            return None
 
     def _float64_stalled(self, lbfgs: LBFGS, done: int) -> str | None:
         """Why the float64 continuation ends after this step, or None: the step completed an interval of

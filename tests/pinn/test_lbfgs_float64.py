@@ -159,3 +159,29 @@ def test_a_run_recorded_before_the_continuation_reruns_without_it():
     assert solve_options_from_config(config)["lbfgs"].float64_fallback is True
     old = dict(config, lbfgs={k: v for k, v in config["lbfgs"].items() if not k.startswith("float64")})
     assert solve_options_from_config(old)["lbfgs"] == ps.LBFGS(steps=400, float64_fallback=False)
+
+
+def test_a_float64_step_out_of_device_memory_ends_the_phase_with_the_parameters_before_it(monkeypatch):
+    from pinnsketch.pinn.objective import Objective
+
+    terms, calls = Objective.terms, []
+
+    def tight_memory(self):          # the float64 continuation's third evaluation does not fit
+        if self.dtype == torch.float64:
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return terms(self)
+
+    class Last(ps.Callback):
+        def on_step(self, state):
+            self.params = [p.detach().clone() for p in state.model.parameters()]
+
+    monkeypatch.setattr(Objective, "terms", tight_memory)
+    last = Last()
+    r = solve(steps=400, callbacks=[last])
+    stop = r.history["lbfgs_stop"]
+    assert stop["reason"] == "float64 memory" and "Tried to allocate 2.00 GiB" in stop["detail"]
+    assert r.history["precision"]["dtype"] == ["float64", "float32"]
+    for p, q in zip(r.model.parameters(), last.params):   # the last completed step's, rounded to float32
+        assert p.dtype == torch.float32 and torch.equal(p, q.to(torch.float32))
