@@ -713,9 +713,8 @@ class _Run:
         for p in self.parameters.values():
             p.data = p.data.to(dtype)
         self.objective.set_dtype(dtype)
-        if optimizer is not None:
-            for state in optimizer.state.values():
-                state.update(_cast_tensors(dict(state), dtype))
+        if optimizer is not None:  # torch's loader casts floating state (L-BFGS' history lists too) to the params' dtype
+            optimizer.load_state_dict(optimizer.state_dict())
         if record:
             history = self.state.history
             h = history.setdefault("precision", {"step": [], "dtype": []})
@@ -830,17 +829,6 @@ class _Run:
             saved_bytes_peak=st.saved_bytes_peak, storage_report=st.storage_report, evaluation=evaluation,
             config=config, state=st, step_peak_bytes=st.step_peak_bytes,
         )
-
-
-def _cast_tensors(value, dtype: torch.dtype):
-    """`value` with its floating tensors (in dicts, lists and tuples, at any depth) cast to `dtype`."""
-    if torch.is_tensor(value):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _cast_tensors(v, dtype) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast_tensors(v, dtype) for v in value)
-    return value
 
 
 def _lbfgs_stop(state: TrainingState, reason: str, detail: str) -> None:

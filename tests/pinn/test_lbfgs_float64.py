@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import pinnsketch as ps
-from pinnsketch.pinn.solver import _cast_tensors
 from pinnsketch.sketch import SubspaceRequest, track_many
 
-from pinn_helpers import Interrupt, run_cli
+from pinn_helpers import Interrupt
 
 
 class Decay(ps.Problem):
@@ -81,11 +84,18 @@ def test_resume_during_the_float64_continuation_ends_where_the_uninterrupted_run
         assert torch.equal(p, q)
 
 
-def test_cast_tensors_reaches_lbfgs_state_lists():
-    state = {"d": torch.ones(3), "old_dirs": [torch.ones(2)], "n_iter": 4, "t": 0.5, "mask": torch.ones(2, dtype=torch.bool)}
-    cast = _cast_tensors(state, torch.float64)
-    assert cast["d"].dtype == cast["old_dirs"][0].dtype == torch.float64
-    assert cast["mask"].dtype == torch.bool and cast["n_iter"] == 4 and cast["t"] == 0.5
+def test_lbfgs_history_follows_the_parameters_dtype_through_torchs_loader():
+    # what `_set_dtype` relies on: Optimizer.load_state_dict casts floating state, lists included
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.LBFGS([x], max_iter=3)
+    opt.step(lambda: (opt.zero_grad(), (x ** 4).sum().backward(), (x ** 4).sum())[2])
+    assert opt.state[x]["old_dirs"] and opt.state[x]["d"].dtype == torch.float32
+    n_iter = opt.state[x]["n_iter"]
+    x.data = x.data.double()
+    opt.load_state_dict(opt.state_dict())
+    state = opt.state[x]
+    assert state["d"].dtype == state["old_dirs"][0].dtype == state["old_stps"][0].dtype == torch.float64
+    assert state["n_iter"] == n_iter
 
 
 def test_tracked_basis_follows_the_activations_dtype():
@@ -103,10 +113,19 @@ def test_lbfgs_option_is_checked_and_reaches_the_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"float64_progress=1.5 must be a fraction in \[0, 1\)"):
         ps.LBFGS(float64_progress=1.5)
     out = tmp_path / "d.h5"
-    code = run_cli(["solve", "heat", "--steps", "2", "--lbfgs", "steps=2,float64_fallback=false", "--no-progress",
-                    "--out", str(out)])
-    assert code == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDE_BACKEND="pytorch")
+
+    def pinnsketch(*args):   # the installed command, as a user runs it
+        return subprocess.run([sys.executable, "-m", "pinnsketch", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    done = pinnsketch("solve", "heat", "--steps", "2", "--lbfgs", "steps=2,float64_fallback=false", "--no-progress",
+                      "--out", str(out))
+    assert done.returncode == 0, done.stderr
     assert ps.load(out).config["lbfgs"]["float64_fallback"] is False
+    bad = pinnsketch("solve", "heat", "--steps", "2", "--lbfgs", "float64_progress=2", "--no-progress")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "float64_progress=2" in bad.stderr and "fraction in [0, 1)" in bad.stderr
 
 
 def test_no_float64_continuation_without_the_memory_for_it(monkeypatch):
